@@ -1,0 +1,140 @@
+"""Per-call prefix state: which attention module gets which key/value slice.
+
+One :class:`PrefixState` is built at the outermost entry of a model call
+(forward, ``generate()``, or the encoder called alone) and published in a
+:class:`contextvars.ContextVar` for the duration of that call. Attention
+forks look themselves up in it; an attention module that is not in the map
+(another model, a site without prefix, no active call) runs the unmodified
+upstream code. Because the state lives in a ContextVar and not on the model,
+a prefix never leaks into the next call, another model, or another thread.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from .errors import PrefixError
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+_ACTIVE: contextvars.ContextVar[Optional["PrefixState"]] = contextvars.ContextVar("bart_prefix_state", default=None)
+
+
+class PrefixState:
+    """The resolved prefix of one model call.
+
+    Args:
+        slices: Attention module -> its ``(key, value)`` prefix.
+        batch: The input batch size of the call (``None`` if unknown).
+        expansions: Runtime batch multipliers the call may legitimately
+            produce (beams, returned sequences); ``(1,)`` outside
+            ``generate()``.
+        owners: Modules whose calls are covered by this state (the core
+            model, its encoder and decoder), so that nested entries of the
+            same call reuse it instead of resolving again.
+    """
+
+    __slots__ = ("slices", "batch", "expansions", "owners", "_expanded")
+
+    def __init__(
+        self,
+        slices: dict[torch.nn.Module, KeyValue],
+        batch: Optional[int],
+        expansions: Iterable[int],
+        owners: Iterable[torch.nn.Module],
+    ):
+        self.slices = slices
+        self.batch = batch
+        self.expansions = tuple(sorted(set(expansions)))
+        self.owners = frozenset(id(owner) for owner in owners)
+        self._expanded: dict[tuple[int, int], KeyValue] = {}
+
+    def covers(self, module: torch.nn.Module) -> bool:
+        """Whether ``module``'s calls belong to this state's model."""
+        return id(module) in self.owners
+
+    def kv_for(self, module: torch.nn.Module, runtime_batch: int) -> Optional[KeyValue]:
+        """The prefix of ``module`` at the batch size it runs with, or None.
+
+        A batch-1 prefix broadcasts with ``expand`` (no copy). A per-example
+        prefix of batch B meeting a runtime batch of B*k (beam search,
+        ``num_return_sequences``) is repeated per example, the same layout
+        ``generate()`` uses for its own inputs; any other size is an error.
+        """
+        pair = self.slices.get(module)
+        if pair is None:
+            return None
+        key, value = pair
+        prefix_batch = key.shape[0]
+        if prefix_batch == runtime_batch:
+            return pair
+        if prefix_batch == 1:
+            shape = (runtime_batch, *key.shape[1:])
+            return key.expand(shape), value.expand(shape)
+        factor, remainder = divmod(runtime_batch, prefix_batch)
+        if remainder or factor not in self.expansions:
+            allowed = sorted({prefix_batch * k for k in self.expansions})
+            raise PrefixError(
+                f"prefix batch {prefix_batch} does not fit the runtime batch {runtime_batch} "
+                f"(expected 1 or one of {allowed})"
+            )
+        memo = (id(module), runtime_batch)
+        expanded = self._expanded.get(memo)
+        if expanded is None:
+            expanded = (key.repeat_interleave(factor, dim=0), value.repeat_interleave(factor, dim=0))
+            self._expanded[memo] = expanded
+        return expanded
+
+
+def active_state() -> Optional[PrefixState]:
+    """The state of the call in progress in this context, if any."""
+    return _ACTIVE.get()
+
+
+def run_with_state(state: Optional[PrefixState], fn: Callable, *args, **kwargs):
+    """Call ``fn`` with ``state`` published, restoring the previous one after."""
+    token = _ACTIVE.set(state)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _bind_state(fn: Callable, state: PrefixState) -> Callable:
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        return run_with_state(state, fn, *args, **kwargs)
+
+    return run
+
+
+def _checkpoint_with_state(checkpoint_func: Callable) -> Callable:
+    """Wrap a layer's gradient-checkpoint function so recomputation sees the prefix.
+
+    Backward re-runs a checkpointed layer after the call that published the
+    state has returned. Binding the state that was active when the layer first
+    ran into the function being checkpointed makes the recomputation identical
+    to the original forward, for reentrant and non-reentrant checkpointing.
+    """
+
+    @functools.wraps(checkpoint_func)
+    def checkpoint(function, *args, **kwargs):
+        state = _ACTIVE.get()
+        if state is not None:
+            function = _bind_state(function, state)
+        return checkpoint_func(function, *args, **kwargs)
+
+    checkpoint._bpp_checkpoint = True
+    return checkpoint
+
+
+def ensure_checkpoint_binding(modules: Iterable[torch.nn.Module]) -> None:
+    """Install :func:`_checkpoint_with_state` on modules that checkpoint."""
+    for module in modules:
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if func is not None and not getattr(func, "_bpp_checkpoint", False):
+            module._gradient_checkpointing_func = _checkpoint_with_state(func)

@@ -1,0 +1,52 @@
+"""Shared fixtures: every test starts with the patch applied and leaves it so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bart_prefix_patch as bpp
+from reference import random_prefix, tiny_model
+
+# Tiny models on 2 shared cores: OpenMP hand-offs cost more than the math
+# (a 14x32 linear takes ~10 us on one thread, milliseconds on two).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _patch_applied():
+    assert bpp.apply(strict=True)
+    torch.manual_seed(0)
+    yield
+    bpp.apply(strict=True)
+
+
+def make_prefix(config, **kwargs) -> bpp.Prefix:
+    """A random :class:`bpp.Prefix` (see ``reference.random_prefix``)."""
+    ns = random_prefix(config, **kwargs)
+    return bpp.Prefix(encoder=ns.encoder, decoder=ns.decoder, cross=ns.cross)
+
+
+@pytest.fixture(params=["eager", "sdpa"])
+def model(request):
+    """A tiny random BART, once per attention implementation."""
+    return tiny_model(seed=0, attn_implementation=request.param)
+
+
+def source_batch(config, batch=2, length=7, pad_last=0, seed=1):
+    """Random source ids and mask; the last example gets ``pad_last`` right pads."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, config.vocab_size, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if pad_last:
+        ids[-1, -pad_last:] = config.pad_token_id
+        mask[-1, -pad_last:] = 0
+    return ids, mask
+
+
+def target_batch(config, batch=2, length=6, seed=2):
+    """Random decoder inputs starting with the decoder start token."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, config.vocab_size, (batch, length), generator=generator)
+    ids[:, 0] = config.decoder_start_token_id
+    return ids

@@ -1,0 +1,166 @@
+"""Stock generate() with prefixes, against the reference's decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_prefix, source_batch
+from reference import reference_greedy, reference_sequence_logprob
+
+import bart_prefix_patch as bpp
+
+NEW = 6
+
+
+class CountingPrefix(torch.nn.Module):
+    """A trainable module returning a fixed-structure Prefix; counts its calls."""
+
+    def __init__(self, prefix: bpp.Prefix):
+        super().__init__()
+        self.calls = 0
+        self.params = torch.nn.ParameterDict()
+        for site in bpp.Prefix.__dataclass_fields__:
+            for index, (key, value) in enumerate(getattr(prefix, site) or []):
+                self.params[f"{site}_{index}_k"] = torch.nn.Parameter(key.clone())
+                self.params[f"{site}_{index}_v"] = torch.nn.Parameter(value.clone())
+        self.layout = {site: len(getattr(prefix, site) or []) for site in bpp.Prefix.__dataclass_fields__}
+
+    def forward(self) -> bpp.Prefix:
+        self.calls += 1
+        sites = {
+            site: [(self.params[f"{site}_{i}_k"], self.params[f"{site}_{i}_v"]) for i in range(n)] or None
+            for site, n in self.layout.items()
+        }
+        return bpp.Prefix(**sites)
+
+
+def _greedy(model, ids, mask, **kwargs):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, num_beams=1, **kwargs)
+
+
+@pytest.mark.parametrize("prefix_batch", [1, 2])
+def test_greedy_matches_reference(model, prefix_batch):
+    config = model.config
+    ids, mask = source_batch(config, pad_last=2)
+    prefix = make_prefix(config, batch=prefix_batch, scale=2.0)
+    got = _greedy(model, ids, mask, prefix=prefix)
+    want = reference_greedy(model, ids, NEW, attention_mask=mask, prefix=prefix)
+    assert got.tolist() == want.tolist()
+    assert got.tolist() != _greedy(model, ids, mask).tolist(), "the prefix must change the output"
+
+
+def test_greedy_attached_and_seed_spelling_match_per_call(model):
+    config = model.config
+    ids, mask = source_batch(config)
+    prefix = make_prefix(config, scale=2.0)
+    per_call = _greedy(model, ids, mask, prefix=prefix)
+    assert _greedy(model, ids, mask, past_key_values=prefix).tolist() == per_call.tolist()
+    bpp.attach(model, prefix)
+    try:
+        assert _greedy(model, ids, mask).tolist() == per_call.tolist()
+    finally:
+        bpp.detach(model)
+    module = CountingPrefix(prefix)
+    bpp.attach(model, module)
+    try:
+        module.calls = 0
+        assert _greedy(model, ids, mask).tolist() == per_call.tolist()
+        assert module.calls == 1, "an attached module runs once per generate() call"
+        module.calls = 0
+        model(ids, attention_mask=mask, decoder_input_ids=per_call)
+        assert module.calls == 1, "an attached module runs once per forward"
+    finally:
+        bpp.detach(model)
+    assert _greedy(model, ids, mask).tolist() != per_call.tolist()
+
+
+@pytest.mark.parametrize("prefix_batch", [1, 2])
+def test_beam_scores_equal_teacher_forced_logprob(model, prefix_batch):
+    config = model.config
+    ids, mask = source_batch(config, pad_last=1)
+    prefix = make_prefix(config, batch=prefix_batch, scale=2.0)
+    out = model.generate(
+        ids, attention_mask=mask, prefix=prefix, max_new_tokens=NEW, num_beams=3, num_return_sequences=2,
+        length_penalty=0.0, early_stopping=True, do_sample=False, output_scores=True, return_dict_in_generate=True,
+    )
+    expanded_ids = ids.repeat_interleave(2, dim=0)
+    expanded_mask = mask.repeat_interleave(2, dim=0)
+    expanded = prefix
+    if prefix_batch > 1:
+        expanded = bpp.Prefix(
+            **{
+                site: [(k.repeat_interleave(2, 0), v.repeat_interleave(2, 0)) for k, v in getattr(prefix, site)]
+                for site in ("encoder", "decoder", "cross")
+            }
+        )
+    want = reference_sequence_logprob(model, expanded_ids, out.sequences, attention_mask=expanded_mask, prefix=expanded)
+    torch.testing.assert_close(out.sequences_scores.double(), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(do_sample=False, num_beams=1),
+        dict(do_sample=False, num_beams=3, num_return_sequences=2),
+        dict(do_sample=True, top_k=0, num_return_sequences=2),
+    ],
+    ids=["greedy", "beam", "sample"],
+)
+@pytest.mark.parametrize("prefix_batch", [1, 2])
+def test_cache_equals_no_cache(model, kwargs, prefix_batch):
+    config = model.config
+    ids, mask = source_batch(config, pad_last=2)
+    prefix = make_prefix(config, batch=prefix_batch, scale=2.0)
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(123)
+        runs.append(
+            model.generate(ids, attention_mask=mask, prefix=prefix, max_new_tokens=NEW, use_cache=use_cache, **kwargs)
+        )
+    assert runs[0].tolist() == runs[1].tolist()
+
+
+def test_padded_batch_equals_one_at_a_time(model):
+    config = model.config
+    ids, mask = source_batch(config, batch=3, pad_last=3)
+    prefix = make_prefix(config, batch=3, scale=2.0)
+    for kwargs in (dict(num_beams=1), dict(num_beams=3)):
+        batched = model.generate(ids, attention_mask=mask, prefix=prefix, max_new_tokens=NEW, do_sample=False, **kwargs)
+        for row in range(3):
+            keep = mask[row].bool()
+            single_prefix = bpp.Prefix(
+                **{
+                    site: [(k[row : row + 1], v[row : row + 1]) for k, v in getattr(prefix, site)]
+                    for site in ("encoder", "decoder", "cross")
+                }
+            )
+            single = model.generate(
+                ids[row : row + 1, keep], prefix=single_prefix, max_new_tokens=NEW, do_sample=False, **kwargs
+            )
+            n = single.shape[1]
+            assert batched[row, :n].tolist() == single[0].tolist()
+            assert (batched[row, n:] == config.pad_token_id).all()
+
+
+def test_prefix_batch_must_match_input(model):
+    config = model.config
+    ids, mask = source_batch(config, batch=2)
+    prefix = make_prefix(config, batch=3)
+    with pytest.raises(bpp.PrefixError, match="batch"):
+        model.generate(ids, attention_mask=mask, prefix=prefix, max_new_tokens=2)
+
+
+def test_static_cache_is_refused(model):
+    config = model.config
+    ids, mask = source_batch(config)
+    with pytest.raises(bpp.UnsupportedConfigurationError, match="static"):
+        model.generate(ids, prefix=make_prefix(config), max_new_tokens=2, cache_implementation="static")
+
+
+def test_generate_without_prefix_is_stock(model):
+    config = model.config
+    ids, mask = source_batch(config, pad_last=1)
+    patched = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, num_beams=2)
+    bpp.revert()
+    stock = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, num_beams=2)
+    assert patched.tolist() == stock.tolist()

@@ -1,0 +1,217 @@
+"""Generate ``bart_prefix_patch/_fingerprint_table.json`` from released wheels.
+
+For every final transformers release in the supported range, download the
+wheel (never install it), fingerprint each function in ``FINGERPRINTED`` with
+the very ``fingerprint_source`` the runtime gate uses, and write a
+deduplicated table: releases -> fingerprint set id -> {family, fingerprints}.
+
+Usage:
+    python tools/gen_fingerprints.py                    # whole range, write table
+    python tools/gen_fingerprints.py --versions 5.24.0  # restrict releases
+    python tools/gen_fingerprints.py --check            # exit 1 if table is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOW, HIGH = (4, 44, 0), (5, 25)  # supported range: LOW <= v < HIGH
+BART = "transformers.models.bart.modeling_bart"
+
+try:
+    from packaging.version import Version
+except ImportError:  # keep the tool usable without packaging; finals are plain dotted ints
+    Version = None
+
+
+def _load_fingerprint_module():
+    """Load ``_fingerprint.py`` by path: importing the package would patch transformers."""
+    spec = importlib.util.spec_from_file_location("_fingerprint", ROOT / "bart_prefix_patch" / "_fingerprint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FP = _load_fingerprint_module()
+
+
+def vkey(version: str) -> tuple[int, ...]:
+    """Numeric sort key of a final release (``5.10.1`` sorts after ``5.2.0``)."""
+    return Version(version).release if Version else tuple(int(p) for p in version.split("."))
+
+
+def is_final(version: str) -> bool:
+    """True for releases without pre/dev/post/local parts (rc, dev and the like are excluded)."""
+    if Version is None:
+        return re.fullmatch(r"\d+(\.\d+)*", version) is not None
+    try:
+        v = Version(version)
+    except ValueError:
+        return False
+    return not (v.is_prerelease or v.is_devrelease or v.is_postrelease or v.local)
+
+
+def available_versions() -> list[str]:
+    """All transformers versions PyPI knows, yanked ones included, via pip (the only reachable service).
+
+    ``pip index versions`` hides yanked releases (4.46.0, 4.52.0, 4.57.0, 5.10.0), which users may
+    still have pinned; pip's resolver error lists them. Taking the union also survives either
+    command failing (``pip index`` is experimental).
+    """
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    index = subprocess.run(pip + ["index", "versions", "transformers"], capture_output=True, text=True)
+    resolver = subprocess.run(pip + ["download", "--no-deps", "-d", "/tmp", "transformers==0.0.0"],
+                              capture_output=True, text=True)
+    found = re.findall(r"Available versions:\s*(.+)", index.stdout)
+    found += re.findall(r"\(from versions:\s*([^)]*)\)", resolver.stderr)
+    if not found:
+        sys.exit("could not list transformers versions from PyPI:\n" + index.stderr + resolver.stderr)
+    return sorted({v.strip() for line in found for v in line.split(",") if v.strip()})
+
+
+def family_by_version(version: str) -> str:
+    """Family from the project notes (E' is spelled E2 to keep JSON keys plain)."""
+    v = vkey(version)[:2]
+    for family, lo, hi in (("A1", (4, 36), (4, 46)), ("A2", (4, 46), (4, 52)), ("B", (4, 52), (4, 53)),
+                           ("C", (4, 53), (4, 58)), ("D", (5, 0), (5, 4)), ("E", (5, 4), (5, 24)),
+                           ("E2", (5, 24), (5, 25))):
+        if lo <= v < hi:
+            return family
+    raise ValueError(f"no family for transformers {version}")
+
+
+def family_by_code(bart_source: str | None) -> str | None:
+    """Family of a 5.x release read off BartAttention.forward, or None if not decidable.
+
+    E2 renamed ``past_key_values`` to ``cache`` (with a deprecate_kwarg shim); D
+    still takes ``cache_position``, which E dropped.
+    """
+    if bart_source is None:
+        return None
+    node = FP._find(ast.parse(bart_source), "BartAttention.forward")
+    if node is None:
+        return None
+    for dec in node.decorator_list:
+        if (isinstance(dec, ast.Call) and getattr(dec.func, "id", getattr(dec.func, "attr", "")) == "deprecate_kwarg"
+                and dec.args and getattr(dec.args[0], "value", None) == "past_key_values"
+                and any(k.arg == "new_name" and getattr(k.value, "value", None) == "cache" for k in dec.keywords)):
+            return "E2"
+    names = {a.arg for a in node.args.args + node.args.kwonlyargs}
+    return "D" if "cache_position" in names else "E"
+
+
+def fetch_wheel(version: str, cache: Path) -> Path:
+    """Download the release's wheel into ``cache`` unless it is already there."""
+    found = sorted(cache.glob(f"transformers-{version}-*.whl"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "-q",
+                        "--no-deps", "--no-binary", ":none:", "--only-binary", ":all:",
+                        f"transformers=={version}", "-d", str(cache)], check=True, capture_output=True)
+        found = sorted(cache.glob(f"transformers-{version}-*.whl"))
+    if not found:
+        raise RuntimeError(f"pip produced no wheel for transformers {version}")
+    return found[0]
+
+
+def fingerprint_wheel(wheel: Path) -> tuple[dict[str, str], str | None]:
+    """Fingerprints of every FINGERPRINTED function in the wheel, plus the BART module source."""
+    result, bart = {}, None
+    with zipfile.ZipFile(wheel) as zf:
+        members = set(zf.namelist())
+        for module, names in FP.FINGERPRINTED.items():
+            path = module.replace(".", "/") + ".py"
+            source = zf.read(path).decode("utf-8") if path in members else None
+            bart = source if module == BART else bart
+            for name in names:
+                result[f"{module}:{name}"] = "missing" if source is None else FP.fingerprint_source(source, name)
+    return result, bart
+
+
+def set_id(fingerprints: dict[str, str]) -> str:
+    """Content address of a fingerprint set, so identical releases share one entry."""
+    canonical = json.dumps(fingerprints, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def process(version: str, cache: Path) -> tuple[str, dict[str, str], str]:
+    """Download, fingerprint and classify one release (checking the notes against the code)."""
+    fingerprints, bart = fingerprint_wheel(fetch_wheel(version, cache))
+    family = family_by_version(version)
+    if family in ("D", "E", "E2"):
+        code = family_by_code(bart)
+        if code is not None and code != family:
+            print(f"WARNING: transformers {version}: notes say family {family}, but BartAttention.forward "
+                  f"looks like {code}; following the code", flush=True)
+            family = code
+    return version, fingerprints, family
+
+
+def build_table(versions: list[str], cache: Path) -> dict:
+    """Fingerprint all releases in parallel (download-bound) and deduplicate into the table layout."""
+    cache.mkdir(parents=True, exist_ok=True)
+    # Processes, not threads: downloads overlap, and the GIL-bound AST parsing can use several cores.
+    with ProcessPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(partial(process, cache=cache), versions))
+    sets, releases = {}, {}
+    for version, fingerprints, family in sorted(results, key=lambda r: vkey(r[0])):
+        sid = set_id(fingerprints)
+        if sid in sets and sets[sid]["family"] != family:
+            # Same code under two family names means the boundaries are wrong.
+            raise SystemExit(f"ERROR: transformers {version} ({family}) has the same fingerprints as a "
+                             f"{sets[sid]['family']} release (set {sid}); fix the family boundaries")
+        sets[sid] = {"family": family, "fingerprints": dict(sorted(fingerprints.items()))}
+        releases[version] = sid
+    keys = sorted(f"{m}:{n}" for m, names in FP.FINGERPRINTED.items() for n in names)
+    # Explicit ordering instead of sort_keys, so releases read in version order rather than 5.10 < 5.2.
+    return {"generated_by": "tools/gen_fingerprints.py", "keys": keys,
+            "releases": releases, "sets": dict(sorted(sets.items()))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--versions", nargs="+", help="only these releases (default: all finals in range)")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/bart_prefix_patch_wheels"), help="wheel dir")
+    parser.add_argument("--out", type=Path, default=ROOT / "bart_prefix_patch" / "_fingerprint_table.json")
+    parser.add_argument("--check", action="store_true", help="exit non-zero if the table at --out is stale")
+    args = parser.parse_args()
+    start = time.monotonic()
+    versions = args.versions or [v for v in available_versions()
+                                 if is_final(v) and LOW <= vkey(v) and vkey(v)[:2] < HIGH]
+    versions = sorted(set(versions), key=vkey)
+    print(f"{len(versions)} releases: {versions[0]} .. {versions[-1]}", flush=True)
+    table = build_table(versions, args.cache)
+    families = Counter(s["family"] for s in table["sets"].values())
+    print("distinct fingerprint sets per family:", dict(sorted(families.items())))
+    text = json.dumps(table, indent=1) + "\n"  # one value per line, so table diffs stay readable
+    if args.check:
+        current = args.out.read_text(encoding="utf-8")
+        if args.versions:  # a restricted check can only compare the requested releases' sets
+            old = json.loads(current)
+            stale = [v for v in versions
+                     if old["sets"].get(old["releases"].get(v)) != table["sets"][table["releases"][v]]]
+        else:  # byte-for-byte, so a hand edit or reordering is caught too
+            stale = [] if current == text else ["the whole table"]
+        print(f"check {'FAILED for ' + ', '.join(stale) if stale else 'passed'} "
+              f"({time.monotonic() - start:.0f}s)")
+        return 1 if stale else 0
+    args.out.write_text(text, encoding="utf-8")
+    print(f"wrote {args.out} ({time.monotonic() - start:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
