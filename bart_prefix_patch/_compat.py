@@ -20,8 +20,17 @@ from . import _fingerprint
 
 TABLE_PATH = Path(__file__).with_name("_fingerprint_table.json")
 
-#: Family -> fork module (in :mod:`bart_prefix_patch.forks`).
-FORK_MODULES = {"E": "bart_v5", "E2": "bart_v5"}
+#: Family -> fork module (in :mod:`bart_prefix_patch.forks`). A family whose
+#: module does not exist yet is known to the gate but not patched.
+FORK_MODULES = {
+    "A1": "bart_v4_tuple",
+    "A2": "bart_v4_tuple",
+    "B": "bart_v4_cache",
+    "C": "bart_v4_cache",
+    "D": "bart_v5",
+    "E": "bart_v5",
+    "E2": "bart_v5",
+}
 
 #: Human-readable range, kept in step with FORK_MODULES and setup.cfg.
 SUPPORTED_RANGE = "5.4.0 - 5.24.x"
@@ -84,7 +93,11 @@ def check(original: Optional[Callable[[str, str], Any]] = None) -> GateResult:
     family = table["sets"][matches[0]]["family"]
     releases = [r for r, s in table["releases"].items() if s == matches[0]]
     release = version if version in releases else (releases[-1] if releases else None)
-    if family not in FORK_MODULES:
+    try:
+        fork = importlib.import_module(f".forks.{FORK_MODULES[family]}", __package__) if family in FORK_MODULES else None
+    except ModuleNotFoundError:
+        fork = None
+    if fork is None or family not in getattr(fork, "FAMILIES", ()):
         return GateResult(
             version,
             family=family,
@@ -94,7 +107,6 @@ def check(original: Optional[Callable[[str, str], Any]] = None) -> GateResult:
                 f"supported: {SUPPORTED_RANGE}. Nothing was patched."
             ),
         )
-    fork = importlib.import_module(f".forks.{FORK_MODULES[family]}", __package__)
     return GateResult(version, family=family, release=release, fork=fork, message=f"family {family}, fork {fork.__name__}")
 
 
