@@ -53,6 +53,19 @@ class PrefixState:
         self.owners = frozenset(id(owner) for owner in owners)
         self._expanded: dict[tuple[int, int], KeyValue] = {}
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every prefix key and value, in a fixed order (see :meth:`with_tensors`)."""
+        return [tensor for pair in self.slices.values() for tensor in pair]
+
+    def with_tensors(self, tensors: Iterable[torch.Tensor]) -> "PrefixState":
+        """The same state with its keys/values replaced, in :meth:`tensors` order."""
+        tensors = list(tensors)
+        clone = object.__new__(PrefixState)
+        clone.slices = {module: (tensors[2 * i], tensors[2 * i + 1]) for i, module in enumerate(self.slices)}
+        clone.batch, clone.expansions, clone.owners = self.batch, self.expansions, self.owners
+        clone._expanded = {}
+        return clone
+
     def covers(self, module: torch.nn.Module) -> bool:
         """Whether ``module``'s calls belong to this state's model."""
         return id(module) in self.owners
@@ -104,29 +117,28 @@ def run_with_state(state: Optional[PrefixState], fn: Callable, *args, **kwargs):
         _ACTIVE.reset(token)
 
 
-def _bind_state(fn: Callable, state: PrefixState) -> Callable:
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        return run_with_state(state, fn, *args, **kwargs)
-
-    return run
-
-
 def _checkpoint_with_state(checkpoint_func: Callable) -> Callable:
     """Wrap a layer's gradient-checkpoint function so recomputation sees the prefix.
 
     Backward re-runs a checkpointed layer after the call that published the
-    state has returned. Binding the state that was active when the layer first
-    ran into the function being checkpointed makes the recomputation identical
-    to the original forward, for reentrant and non-reentrant checkpointing.
+    state has returned, so the function being checkpointed carries the state
+    with it. The prefix tensors travel as explicit checkpoint inputs rather
+    than in a closure: reentrant checkpointing (the 4.x default) only returns
+    gradients for its inputs, and backpropagating into a closure tensor's graph
+    once per layer would fail on the second layer.
     """
 
     @functools.wraps(checkpoint_func)
     def checkpoint(function, *args, **kwargs):
         state = _ACTIVE.get()
-        if state is not None:
-            function = _bind_state(function, state)
-        return checkpoint_func(function, *args, **kwargs)
+        if state is None:
+            return checkpoint_func(function, *args, **kwargs)
+        count = len(args)
+
+        def run(*inputs):
+            return run_with_state(state.with_tensors(inputs[count:]), function, *inputs[:count])
+
+        return checkpoint_func(run, *args, *state.tensors(), **kwargs)
 
     checkpoint._bpp_checkpoint = True
     return checkpoint

@@ -24,11 +24,17 @@ class CountingPrefix(torch.nn.Module):
                 self.params[f"{site}_{index}_k"] = torch.nn.Parameter(key.clone())
                 self.params[f"{site}_{index}_v"] = torch.nn.Parameter(value.clone())
         self.layout = {site: len(getattr(prefix, site) or []) for site in bpp.Prefix.__dataclass_fields__}
+        # Outputs are computed (non-leaf) tensors, like a reparameterised prefix's.
+        self.scale = torch.nn.Parameter(torch.ones(()))
 
     def forward(self) -> bpp.Prefix:
         self.calls += 1
         sites = {
-            site: [(self.params[f"{site}_{i}_k"], self.params[f"{site}_{i}_v"]) for i in range(n)] or None
+            site: [
+                (self.params[f"{site}_{i}_k"] * self.scale, self.params[f"{site}_{i}_v"] * self.scale)
+                for i in range(n)
+            ]
+            or None
             for site, n in self.layout.items()
         }
         return bpp.Prefix(**sites)

@@ -69,8 +69,8 @@ def test_gradients_reach_attached_module(model):
 def _loss_and_grads(model, module, ids, mask, labels, checkpointing, per_call):
     model.zero_grad(set_to_none=True)
     module.zero_grad(set_to_none=True)
-    if checkpointing:
-        model.gradient_checkpointing_enable()
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
     else:
         model.gradient_checkpointing_disable()
     model.train()
@@ -78,11 +78,14 @@ def _loss_and_grads(model, module, ids, mask, labels, checkpointing, per_call):
     loss = model(ids, attention_mask=mask, labels=labels, **kwargs).loss
     loss.backward()
     model.eval()
-    return loss.detach(), {name: p.grad.clone() for name, p in module.params.items()}
+    grads = {name: p.grad.clone() for name, p in module.params.items()}
+    grads["scale"] = module.scale.grad.clone()
+    return loss.detach(), grads
 
 
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 @pytest.mark.parametrize("per_call", [False, True], ids=["attached", "per-call"])
-def test_gradient_checkpointing_matches(model, per_call):
+def test_gradient_checkpointing_matches(model, per_call, reentrant):
     config = model.config
     ids, mask = source_batch(config, pad_last=2)
     labels = target_batch(config)
@@ -90,8 +93,8 @@ def test_gradient_checkpointing_matches(model, per_call):
     if not per_call:
         bpp.attach(model, module)
     try:
-        plain = _loss_and_grads(model, module, ids, mask, labels, False, per_call)
-        checkpointed = _loss_and_grads(model, module, ids, mask, labels, True, per_call)
+        plain = _loss_and_grads(model, module, ids, mask, labels, None, per_call)
+        checkpointed = _loss_and_grads(model, module, ids, mask, labels, reentrant, per_call)
     finally:
         bpp.detach(model)
         model.gradient_checkpointing_disable()
