@@ -19,12 +19,20 @@ from .errors import (
     UnsupportedConfigurationError,
     UnsupportedTransformersError,
 )
+from .encoder import PrefixEncoder
+from .io import load_prefix, save_prefix
 from .prefix import Prefix
+from .tuning import add_prefix_tuning, trainable_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Prefix",
+    "PrefixEncoder",
+    "add_prefix_tuning",
+    "trainable_parameters",
+    "save_prefix",
+    "load_prefix",
     "apply",
     "revert",
     "is_applied",

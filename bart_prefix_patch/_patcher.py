@@ -257,10 +257,17 @@ def _core_of(module: torch.nn.Module) -> Any:
 class _Attachment:
     """What :func:`attach` recorded for one model."""
 
-    def __init__(self, source: Union[Prefix, torch.nn.Module], owner: torch.nn.Module, core: Any):
+    def __init__(
+        self,
+        source: Union[Prefix, torch.nn.Module],
+        owner: torch.nn.Module,
+        core: Any,
+        on_detach: Optional[Callable[[], None]] = None,
+    ):
         self.source = source
         self.owner = weakref.ref(owner)
         self.core = weakref.ref(core)
+        self.on_detach = on_detach
 
 
 def _attachment_of(module: Any) -> Optional[_Attachment]:
@@ -413,7 +420,12 @@ def _entry_generate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict)
 # ------------------------------------------------------------ attach/detach
 
 
-def attach(model: torch.nn.Module, prefix_or_module: Union[Prefix, torch.nn.Module]) -> torch.nn.Module:
+def attach(
+    model: torch.nn.Module,
+    prefix_or_module: Union[Prefix, torch.nn.Module],
+    *,
+    _on_detach: Optional[Callable[[], None]] = None,
+) -> torch.nn.Module:
     """Make every later forward/generate of ``model`` use a prefix.
 
     Args:
@@ -451,7 +463,7 @@ def attach(model: torch.nn.Module, prefix_or_module: Union[Prefix, torch.nn.Modu
             validate_prefix(_call_source(prefix_or_module), core, None)
     else:
         validate_prefix(prefix_or_module, core, None)
-    record = _Attachment(prefix_or_module, model, core)
+    record = _Attachment(prefix_or_module, model, core, _on_detach)
     for module in (model, core, core.encoder, core.decoder):
         module.__dict__[_ATTACHMENT_ATTR] = record
     return model
@@ -475,6 +487,8 @@ def detach(model: torch.nn.Module) -> torch.nn.Module:
         for module in (model, core, getattr(core, "encoder", None), getattr(core, "decoder", None)):
             if module is not None and module.__dict__.get(_ATTACHMENT_ATTR) is record:
                 del module.__dict__[_ATTACHMENT_ATTR]
+        if record.on_detach is not None:
+            record.on_detach()
     if ATTACHED_NAME in model._modules:
         del model._modules[ATTACHED_NAME]
     return model

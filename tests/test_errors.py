@@ -105,11 +105,15 @@ def test_two_prefixes(setup):
         model(ids, decoder_input_ids=dec, prefix=prefix, past_key_values=make_prefix(model.config))
 
 
-def test_flash_or_flex_attention_refused(setup):
+@pytest.mark.parametrize("implementation", ["flex_attention", "flash_attention_2"])
+def test_flash_or_flex_attention_refused(setup, implementation):
+    """Refused before any layer runs (flash cannot run on CPU; neither takes our masks)."""
     model, ids, dec, prefix = setup
-    model.config._attn_implementation = "flex_attention"
-    with pytest.raises(bpp.UnsupportedConfigurationError, match="flex_attention"):
+    model.config._attn_implementation = implementation
+    with pytest.raises(bpp.UnsupportedConfigurationError, match=implementation):
         _run(model, ids, dec, prefix)
+    with pytest.raises(bpp.UnsupportedConfigurationError, match=implementation):
+        model.generate(ids, prefix=prefix, max_new_tokens=2)
 
 
 def test_from_legacy():

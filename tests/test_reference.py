@@ -31,11 +31,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 import torch.nn.functional as F
-import transformers.masking_utils
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.models.bart import modeling_bart
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+try:
+    import transformers.masking_utils as masking_utils
+except ImportError:  # transformers < 4.53 builds masks in modeling_attn_mask_utils
+    masking_utils = None
+try:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError:  # transformers < 4.48: no attention registry
+    ALL_ATTENTION_FUNCTIONS = None
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -112,14 +120,21 @@ def test_stock_side_is_unpatched():
     pristine = _pristine_bart()
     assert pristine is not modeling_bart
     # A wrapper (wrapt or functools) would not be a plain function.
-    for cls in (pristine.BartAttention, pristine.BartEncoder, pristine.BartDecoder, pristine.BartModel):
+    classes = [pristine.BartAttention, pristine.BartEncoder, pristine.BartDecoder, pristine.BartModel]
+    # transformers < 4.52 has one attention class per implementation.
+    classes += [getattr(pristine, name) for name in ("BartSdpaAttention", "BartFlashAttention2") if hasattr(pristine, name)]
+    for cls in classes:
         assert type(cls.__dict__["forward"]) is types.FunctionType, cls
     for name in ("forward", "generate"):
         attr = getattr(pristine.BartForConditionalGeneration, name)
         assert type(attr) is types.FunctionType, name
-    shared = [pristine.create_causal_mask, pristine.create_bidirectional_mask, pristine.eager_attention_forward]
-    shared += [transformers.masking_utils.create_causal_mask, transformers.masking_utils.create_bidirectional_mask]
-    shared += [ALL_ATTENTION_FUNCTIONS["sdpa"]]
+    # The shared helpers this release has (masking_utils and the attention registry are newer than 4.44).
+    names = ("create_causal_mask", "create_bidirectional_mask", "eager_attention_forward")
+    shared = [getattr(pristine, name) for name in names if hasattr(pristine, name)]
+    if masking_utils is not None:
+        shared += [masking_utils.create_causal_mask, masking_utils.create_bidirectional_mask]
+    if ALL_ATTENTION_FUNCTIONS is not None and "sdpa" in ALL_ATTENTION_FUNCTIONS:
+        shared += [ALL_ATTENTION_FUNCTIONS["sdpa"]]
     for fn in shared:
         assert type(fn) is types.FunctionType, fn
 
@@ -267,16 +282,24 @@ def test_sequence_logprob_matches_stock():
     attention_mask = torch.ones(4, 7, dtype=torch.long)
     attention_mask[1, 5:] = 0
     attention_mask[2, :2] = 0
-    with torch.no_grad():
-        out = m.generate(
-            input_ids,
-            attention_mask=attention_mask,
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=8,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+    # How high the EOS bias must be before some rows finish depends on the
+    # release's weight initialisation (4.x draws other weights): raise it
+    # step by step until generate() pads, as the greedy test does.
+    for _ in range(16):
+        with torch.no_grad():
+            out = m.generate(
+                input_ids,
+                attention_mask=attention_mask,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=8,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        if (out.sequences == 1).any():
+            break
+        with torch.no_grad():
+            m.final_logits_bias[0, 2] += 0.5
     sequences = out.sequences
     assert (sequences == 1).any(), "the test needs padded (finished) rows"
     ref = R.reference_sequence_logprob(m, input_ids, sequences, attention_mask)
@@ -351,6 +374,14 @@ def _stock_with_prefix(model, input_ids, attention_mask, decoder_input_ids, deco
         ).logits
 
 
+# This oracle drives transformers' own cache machinery (pre-filled DynamicCache
+# layers, decoder_attention_mask of length T) exactly as 5.24 implements it;
+# other releases pad or size those masks differently. The reference itself is
+# version independent, so validating it on one release is enough.
+_STOCK_CACHE_ORACLE = tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (5, 24)
+
+
+@pytest.mark.skipif(not _STOCK_CACHE_ORACLE, reason="stock cache oracle is written for transformers >= 5.24")
 @pytest.mark.parametrize(
     "sites", [("encoder",), ("decoder",), ("cross",), ("encoder", "decoder", "cross")], ids="+".join
 )
