@@ -1,19 +1,33 @@
-"""Fork of ``BartAttention.forward`` for transformers 5.4 - 5.24 (families E, E2).
+"""Fork of ``BartAttention.forward`` for transformers 5.0 - 5.24 (families D, E, E2).
 
 Upstream shape: one attention class dispatching through
 ``ALL_ATTENTION_FUNCTIONS``; ``EncoderDecoderCache`` with ``is_updated``;
-layers pass keyword arguments straight through to the attention. 5.24 names
-the cache argument ``cache`` (``past_key_values`` is a deprecated alias), 5.4
-- 5.23 name it ``past_key_values``; the fork accepts both.
+layers pass keyword arguments straight through to the attention. The
+families differ in three small places, each an explicit branch below:
 
-The decoder layer needs no fork here: the layer hands the same keyword
+* the cache argument: ``cache`` in 5.24 (``past_key_values`` is a
+  deprecated alias), ``past_key_values`` in 5.0 - 5.23; the fork accepts both;
+* ``cache.update``: 5.0 - 5.3 (D) take explicit ``output_attentions`` and
+  ``cache_position`` arguments and hand ``{"cache_position": ...}`` (``None``
+  for cross-attention) to the cache; 5.4 - 5.23 (E) pass nothing; 5.24 (E2)
+  passes ``kwargs=kwargs``;
+* the attention function: 5.0.0 indexes ``ALL_ATTENTION_FUNCTIONS`` itself,
+  5.1+ asks ``ALL_ATTENTION_FUNCTIONS.get_interface``.
+
+The layers need no fork here: each decoder layer hands the same keyword
 arguments to self- and cross-attention, and the attention fork tells the
-sites apart itself. (Forking ``BartDecoderLayer.forward`` on 5.x would even
-break gradient checkpointing, which wraps ``forward`` per class and checks
-that it is still the outermost wrapper.)
+sites apart itself. On D the layers return tuples and collect the attention
+weights the fork returns (prefix columns included); on 5.4+ the weights are
+recorded by hooks on the attention module. Gradient checkpointing re-runs
+the layer (D: ``GradientCheckpointingLayer.__call__``; 5.24: a per-class
+``forward`` wrapper that must stay outermost, which a layer fork would
+break) through ``_gradient_checkpointing_func``, which ``_state`` binds to
+the call's prefix.
 """
 
 from __future__ import annotations
+
+import inspect
 
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.bart import modeling_bart
@@ -22,7 +36,17 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ._common import attention_wrapper, concat_prefix as _cat, require_growable_cache
 from ._masks import prefixed_mask
 
-FAMILIES = ("E", "E2")
+FAMILIES = ("D", "E", "E2")
+
+# Which family's small differences apply, read from the upstream code itself
+# (inspect.signature follows __wrapped__, so this holds after apply() too).
+_UPSTREAM_PARAMETERS = inspect.signature(modeling_bart.BartAttention.forward).parameters
+#: D (5.0 - 5.3): ``cache_position`` is an argument and goes to ``cache.update``.
+_CACHE_POSITION_TO_UPDATE = "cache_position" in _UPSTREAM_PARAMETERS
+#: E2 (5.24): the argument is named ``cache`` and ``cache.update`` receives ``kwargs=kwargs``.
+_KWARGS_TO_UPDATE = "cache" in _UPSTREAM_PARAMETERS
+#: 5.1+: ``get_interface``; 5.0.0 indexes the registry for anything but eager.
+_HAS_GET_INTERFACE = hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface")
 
 
 def attention_forward(
@@ -36,13 +60,21 @@ def attention_forward(
     past_key_values=None,
     **kwargs,
 ):
-    """``BartAttention.forward`` with a key/value prefix (upstream 5.4 - 5.24).
+    """``BartAttention.forward`` with a key/value prefix (upstream 5.0 - 5.24).
 
-    Differences from upstream are marked ``DIFF``.
+    Differences from upstream are marked ``DIFF``; the family branches
+    (``_CACHE_POSITION_TO_UPDATE``, ``_KWARGS_TO_UPDATE``,
+    ``_HAS_GET_INTERFACE``) each follow one family's upstream line by line.
+    On D, ``output_attentions`` arrives in ``kwargs`` and reaches the
+    attention function through them, as upstream passes it explicitly.
     """
-    if cache is None:  # DIFF: 5.4 - 5.23 spell the argument past_key_values
+    if cache is None:  # DIFF: 5.0 - 5.23 spell the argument past_key_values
         cache = past_key_values
     is_cross_attention = key_value_states is not None
+    if _CACHE_POSITION_TO_UPDATE:
+        # D: cache_position is a named upstream argument, used for the cache
+        # update only (never passed on to the attention function).
+        cache_position = kwargs.pop("cache_position", None)
     input_shape = hidden_states.shape[:-1]
     query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
     prefix_key, prefix_value = prefix_kv
@@ -72,7 +104,13 @@ def attention_forward(
             value_states = _cat(prefix_value, value_states)
         if cache is not None:
             require_growable_cache(curr_cache, self.layer_idx)  # DIFF: static caches cannot hold a prefix
-            key_states, value_states = curr_cache.update(key_states, value_states, self.layer_idx)
+            if _CACHE_POSITION_TO_UPDATE:  # D
+                cache_kwargs = {"cache_position": None if is_cross_attention else cache_position}
+                key_states, value_states = curr_cache.update(key_states, value_states, self.layer_idx, cache_kwargs)
+            elif _KWARGS_TO_UPDATE:  # E2
+                key_states, value_states = curr_cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+            else:  # E
+                key_states, value_states = curr_cache.update(key_states, value_states, self.layer_idx)
             if is_cross_attention and isinstance(cache, EncoderDecoderCache):
                 cache.is_updated[self.layer_idx] = True
 
@@ -94,7 +132,12 @@ def attention_forward(
         dtype=query_states.dtype,
         device=query_states.device,
     )
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, modeling_bart.eager_attention_forward)
+    if _HAS_GET_INTERFACE:  # 5.1+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, modeling_bart.eager_attention_forward)
+    else:  # 5.0.0
+        attention_interface = modeling_bart.eager_attention_forward
+        if implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[implementation]
     attn_output, attn_weights = attention_interface(
         self,
         query_states,

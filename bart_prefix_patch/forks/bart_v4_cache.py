@@ -1,0 +1,411 @@
+"""Forks of the BART attention for transformers 4.52 - 4.57 (families B and C).
+
+Upstream shapes served here, all with an ``EncoderDecoderCache`` whose
+``is_updated`` flags say when a layer's cross-attention keys/values are
+cached (4.x before 4.52 instead reused a cross past only when its length
+equalled the encoder's; that length test is gone from these releases):
+
+* **B** (4.52): three attention classes with forwards of their own,
+  ``BartAttention`` (eager), ``BartSdpaAttention`` (falls back to the eager
+  forward for ``output_attentions``) and ``BartFlashAttention2``; cached
+  cross keys/values are read as ``key_cache[idx]``; the forward returns
+  ``(out, weights, past_key_value)``.
+* **C** (4.53 - 4.57): one ``BartAttention`` dispatching through
+  ``ALL_ATTENTION_FUNCTIONS``. Inside the family the forward changes three
+  times: 4.54 reads the cache as ``layers[idx].keys`` (4.53:
+  ``key_cache[idx]``) and returns ``(out, weights)`` (4.53 also returns the
+  cache); 4.56 renames the ``past_key_value`` argument ``past_key_values``;
+  4.57 initialises ``is_updated`` and marks it only on an
+  ``EncoderDecoderCache``.
+
+One fork handles every variant with feature checks, not version strings: the
+cache layout is read off the cache object, the argument name is accepted in
+both spellings, and the return arity is read off the upstream function
+(:func:`_upstream_returns_cache`). Head masks still exist in all of these
+releases; the eager paths apply them to the prefix columns too.
+
+The decoder layer needs no fork: it hands the same arguments to self- and
+cross-attention (cross-attention gets ``key_value_states``), and the fork
+tells the sites apart itself.
+
+The shared key/value block (:func:`_keys_values`) is upstream's cache block,
+common to every class and release here, with the prefix ``DIFF`` s added;
+its ``view`` shape is written ``(batch, length, -1, head_dim)``, which is
+what both upstream spellings (B: ``(bsz, -1, num_heads, head_dim)``, C:
+``kv_input_shape``) produce.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+
+import torch
+from torch import nn
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.models.bart import modeling_bart
+
+from ..errors import UnsupportedConfigurationError
+from ._common import attention_wrapper, concat_prefix as _cat, require_growable_cache
+from ._masks import prefixed_mask
+
+FAMILIES = ("B", "C")
+
+#: Family B has one attention class per implementation; family C has one class.
+_PER_IMPLEMENTATION_CLASSES = hasattr(modeling_bart, "BartSdpaAttention")
+
+
+def _upstream_returns_cache() -> bool:
+    """Whether upstream ``BartAttention.forward`` returns ``(out, weights, cache)``.
+
+    True for 4.52 and 4.53, False from 4.54 on, where it returns
+    ``(out, weights)``. Read from the upstream code itself (the last
+    ``return`` of the unwrapped function), so the fork returns what the
+    installed decoder layer unpacks.
+    """
+    function = inspect.unwrap(modeling_bart.BartAttention.forward)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    returns = [node.value for node in ast.walk(tree) if isinstance(node, ast.Return) and node.value is not None]
+    return bool(returns) and isinstance(returns[-1], ast.Tuple) and len(returns[-1].elts) == 3
+
+
+_RETURNS_CACHE = _upstream_returns_cache()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _cached_layer(layer_cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cached layer's keys/values: ``layers[idx]`` from 4.54, ``key_cache[idx]`` before."""
+    layers = getattr(layer_cache, "layers", None)
+    if layers is not None:
+        return layers[layer_idx].keys, layers[layer_idx].values
+    return layer_cache.key_cache[layer_idx], layer_cache.value_cache[layer_idx]
+
+
+def _require_growable(layer_cache, layer_idx: int) -> None:
+    """Refuse fixed-size caches; before 4.54 they carry ``max_cache_len`` on the cache itself."""
+    require_growable_cache(layer_cache, layer_idx)  # 4.54+: per-layer caches
+    if getattr(layer_cache, "layers", None) is None and getattr(layer_cache, "max_cache_len", None) is not None:
+        raise UnsupportedConfigurationError(
+            f"a prefix needs a growable (dynamic) cache, got {type(layer_cache).__name__} in layer {layer_idx}: "
+            "use the default cache (no cache_implementation, or cache_implementation='dynamic')"
+        )
+
+
+def _keys_values(self, hidden_states, key_value_states, cache, cache_position, prefix_kv):
+    """Keys/values ``[prefix ; real]`` of one call, with the cache updated as upstream.
+
+    Upstream's cache block (identical in B and C but for the cached-layer
+    read) with the prefix joined: after the cache update for self-attention,
+    before it (and therefore cached once) for cross-attention.
+    """
+    is_cross_attention = key_value_states is not None
+    prefix_key, prefix_value = prefix_kv
+
+    is_updated = False  # as upstream 4.57; 4.52 - 4.56 left it unbound for a non-EncoderDecoderCache cache
+    if cache is not None:
+        if isinstance(cache, EncoderDecoderCache):
+            is_updated = cache.is_updated.get(self.layer_idx)
+            curr_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
+        else:
+            curr_cache = cache
+
+    if is_cross_attention and cache is not None and is_updated:
+        # Reuse: the cached cross keys/values already hold [prefix ; encoder].
+        key_states, value_states = _cached_layer(curr_cache, self.layer_idx)
+    else:
+        current_states = key_value_states if is_cross_attention else hidden_states
+        kv_shape = (*current_states.shape[:-1], -1, self.head_dim)
+        key_states = self.k_proj(current_states).view(kv_shape).transpose(1, 2)
+        value_states = self.v_proj(current_states).view(kv_shape).transpose(1, 2)
+        if is_cross_attention:
+            # DIFF: the cross prefix is concatenated with the encoder projections
+            # (a prefix in the cache would have replaced them) and cached together
+            # with them, so generation computes both once per generate() call.
+            key_states = _cat(prefix_key, key_states)
+            value_states = _cat(prefix_value, value_states)
+        if cache is not None:
+            _require_growable(curr_cache, self.layer_idx)  # DIFF: static caches cannot hold a prefix
+            cache_position = cache_position if not is_cross_attention else None
+            key_states, value_states = curr_cache.update(
+                key_states, value_states, self.layer_idx, {"cache_position": cache_position}
+            )
+            if is_cross_attention and isinstance(cache, EncoderDecoderCache):
+                cache.is_updated[self.layer_idx] = True
+
+    if not is_cross_attention:
+        # DIFF: the self-attention prefix joins after the cache update, so the
+        # cache (hence positions and generate()'s bookkeeping) holds real tokens only.
+        key_states = _cat(prefix_key, key_states)
+        value_states = _cat(prefix_value, value_states)
+    return key_states, value_states
+
+
+def _mask(self, attention_mask, n_prefix, query_len, key_len, is_cross_attention, boolean, dtype, device):
+    """The stock mask cut to the real keys, then given the prefix columns.
+
+    The cut is upstream's own ``mask[..., :key_len]`` (4.52's classes and the
+    sdpa interface slice the mask to the keys) taken over the real keys only,
+    before :func:`prefixed_mask` prepends the always-visible prefix columns
+    (or builds the explicit causal mask where the stock code relies on
+    ``is_causal``).
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, :, : key_len - n_prefix]
+    return prefixed_mask(
+        attention_mask,
+        n_prefix=n_prefix,
+        query_len=query_len,
+        key_len=key_len,
+        causal=self.is_causal and not is_cross_attention,
+        boolean=boolean,
+        dtype=dtype,
+        device=device,
+    )
+
+
+# --------------------------------------------------------- family B (4.52)
+
+
+def eager_forward(
+    self,
+    hidden_states,
+    key_value_states=None,
+    past_key_value=None,
+    attention_mask=None,
+    layer_head_mask=None,
+    output_attentions=False,
+    cache_position=None,
+    *,
+    prefix_kv,
+):
+    """``BartAttention.forward`` (eager, 4.52) with a key/value prefix.
+
+    Differences from upstream are marked ``DIFF``.
+    """
+    is_cross_attention = key_value_states is not None
+    bsz, tgt_len, _ = hidden_states.size()
+
+    query_states = self.q_proj(hidden_states).view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
+    query_states = query_states * self.scaling
+    # DIFF: keys/values are [prefix ; real] (see _keys_values).
+    key_states, value_states = _keys_values(
+        self, hidden_states, key_value_states, past_key_value, cache_position, prefix_kv
+    )
+
+    proj_shape = (bsz * self.num_heads, -1, self.head_dim)
+    query_states = query_states.reshape(*proj_shape)
+    key_states = key_states.reshape(*proj_shape)
+    value_states = value_states.reshape(*proj_shape)
+
+    src_len = key_states.size(1)
+    attn_weights = torch.bmm(query_states, key_states.transpose(1, 2))
+
+    if attn_weights.size() != (bsz * self.num_heads, tgt_len, src_len):
+        raise ValueError(
+            f"Attention weights should be of size {(bsz * self.num_heads, tgt_len, src_len)}, but is"
+            f" {attn_weights.size()}"
+        )
+
+    # DIFF: the mask gains always-visible prefix columns (upstream only sliced it to the keys).
+    attention_mask = _mask(
+        self, attention_mask, prefix_kv[0].shape[2], tgt_len, src_len, is_cross_attention,
+        boolean=False, dtype=attn_weights.dtype, device=attn_weights.device,
+    )
+    if attention_mask is not None:
+        attn_weights = attn_weights.view(bsz, self.num_heads, tgt_len, src_len) + attention_mask
+        attn_weights = attn_weights.view(bsz * self.num_heads, tgt_len, src_len)
+
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+
+    if layer_head_mask is not None:
+        if layer_head_mask.size() != (self.num_heads,):
+            raise ValueError(
+                f"Head mask for a single layer should be of size {(self.num_heads,)}, but is"
+                f" {layer_head_mask.size()}"
+            )
+        # Multiplies the probabilities of every column, prefix columns included.
+        attn_weights = layer_head_mask.view(1, -1, 1, 1) * attn_weights.view(bsz, self.num_heads, tgt_len, src_len)
+        attn_weights = attn_weights.view(bsz * self.num_heads, tgt_len, src_len)
+
+    if output_attentions:
+        # Reshaped twice so that attn_weights keeps its gradient (as upstream).
+        attn_weights_reshaped = attn_weights.view(bsz, self.num_heads, tgt_len, src_len)
+        attn_weights = attn_weights_reshaped.view(bsz * self.num_heads, tgt_len, src_len)
+    else:
+        attn_weights_reshaped = None
+
+    attn_probs = nn.functional.dropout(attn_weights, p=self.dropout, training=self.training)
+    attn_output = torch.bmm(attn_probs, value_states)
+
+    if attn_output.size() != (bsz * self.num_heads, tgt_len, self.head_dim):
+        raise ValueError(
+            f"`attn_output` should be of size {(bsz * self.num_heads, tgt_len, self.head_dim)}, but is"
+            f" {attn_output.size()}"
+        )
+
+    attn_output = attn_output.view(bsz, self.num_heads, tgt_len, self.head_dim)
+    attn_output = attn_output.transpose(1, 2)
+    attn_output = attn_output.reshape(bsz, tgt_len, self.embed_dim)
+    attn_output = self.out_proj(attn_output)
+    return attn_output, attn_weights_reshaped, past_key_value
+
+
+def sdpa_forward(
+    self,
+    hidden_states,
+    key_value_states=None,
+    past_key_value=None,
+    attention_mask=None,
+    layer_head_mask=None,
+    output_attentions=False,
+    cache_position=None,
+    *,
+    prefix_kv,
+):
+    """``BartSdpaAttention.forward`` (4.52) with a key/value prefix.
+
+    Differences from upstream are marked ``DIFF``. Like upstream, the sdpa
+    path ignores ``layer_head_mask`` (and the ``output_attentions`` fallback
+    does not pass it on).
+    """
+    if output_attentions:
+        modeling_bart.logger.warning_once(
+            "BartSdpaAttention does not support `output_attentions=True`; falling back to the eager attention."
+        )
+        # DIFF: upstream calls super().forward(); the eager fork is called
+        # directly, so the prefix is applied exactly once, by this call.
+        return eager_forward(
+            self,
+            hidden_states,
+            key_value_states=key_value_states,
+            past_key_value=past_key_value,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            cache_position=cache_position,
+            prefix_kv=prefix_kv,
+        )
+
+    is_cross_attention = key_value_states is not None
+    bsz, tgt_len, _ = hidden_states.size()
+
+    query_states = self.q_proj(hidden_states).view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
+    # DIFF: keys/values are [prefix ; real] (see _keys_values).
+    key_states, value_states = _keys_values(
+        self, hidden_states, key_value_states, past_key_value, cache_position, prefix_kv
+    )
+
+    # DIFF: the mask gains always-visible prefix columns; where upstream would
+    # leave None and use is_causal, an explicit bottom-right causal mask is built.
+    causal_mask = _mask(
+        self, attention_mask, prefix_kv[0].shape[2], tgt_len, key_states.shape[-2], is_cross_attention,
+        boolean=True, dtype=query_states.dtype, device=query_states.device,
+    )
+
+    # Memory-efficient sdpa is bugged with non-contiguous inputs and a custom mask (as upstream).
+    if query_states.device.type == "cuda" and causal_mask is not None:
+        query_states = query_states.contiguous()
+        key_states = key_states.contiguous()
+        value_states = value_states.contiguous()
+
+    attn_output = torch.nn.functional.scaled_dot_product_attention(
+        query_states,
+        key_states,
+        value_states,
+        attn_mask=causal_mask,
+        dropout_p=self.dropout if self.training else 0.0,
+        is_causal=False,  # DIFF: PyTorch aligns is_causal top-left, wrong with prefix columns
+    )
+
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    attn_output = attn_output.view(bsz, tgt_len, self.embed_dim)
+    attn_output = self.out_proj(attn_output)
+    return attn_output, None, past_key_value
+
+
+def flash_forward(self, hidden_states, *args, prefix_kv, **kwargs):
+    """``BartFlashAttention2.forward`` (4.52) with a prefix: refused.
+
+    The entry guards already refuse ``config._attn_implementation ==
+    "flash_attention_2"``; this catches flash layers behind a config that was
+    changed after the model was built, which would otherwise drop the prefix.
+    """
+    raise UnsupportedConfigurationError(
+        "prefixes run with attn_implementation 'eager' or 'sdpa', but this model's layers are "
+        "BartFlashAttention2: load the model with attn_implementation='sdpa'"
+    )
+
+
+# --------------------------------------------------- family C (4.53 - 4.57)
+
+
+def attention_forward(
+    self,
+    hidden_states,
+    key_value_states=None,
+    past_key_value=None,
+    attention_mask=None,
+    layer_head_mask=None,
+    output_attentions=False,
+    cache_position=None,
+    *,
+    prefix_kv,
+    past_key_values=None,
+    **kwargs,
+):
+    """``BartAttention.forward`` (4.53 - 4.57) with a key/value prefix.
+
+    Differences from upstream are marked ``DIFF``.
+    """
+    # DIFF: 4.56+ spell the argument past_key_values, 4.53 - 4.55 past_key_value; both are accepted.
+    cache = past_key_values if past_key_values is not None else past_key_value
+    is_cross_attention = key_value_states is not None
+    bsz, tgt_len = hidden_states.shape[:-1]
+
+    query_states = self.q_proj(hidden_states).view(bsz, tgt_len, -1, self.head_dim).transpose(1, 2)
+    # DIFF: keys/values are [prefix ; real] (see _keys_values).
+    key_states, value_states = _keys_values(self, hidden_states, key_value_states, cache, cache_position, prefix_kv)
+
+    implementation = self.config._attn_implementation
+    # DIFF: the mask gains always-visible prefix columns; where upstream would
+    # leave None and let sdpa use is_causal, an explicit causal mask is built.
+    attention_mask = _mask(
+        self, attention_mask, prefix_kv[0].shape[2], tgt_len, key_states.shape[-2], is_cross_attention,
+        boolean=implementation == "sdpa", dtype=query_states.dtype, device=query_states.device,
+    )
+
+    attention_interface = modeling_bart.eager_attention_forward
+    if implementation != "eager":
+        attention_interface = modeling_bart.ALL_ATTENTION_FUNCTIONS[implementation]
+
+    attn_output, attn_weights = attention_interface(
+        self,
+        query_states,
+        key_states,
+        value_states,
+        attention_mask,
+        dropout=0.0 if not self.training else self.dropout,
+        scaling=self.scaling,
+        output_attentions=output_attentions,
+        head_mask=layer_head_mask,
+        **kwargs,
+    )
+
+    attn_output = attn_output.reshape(bsz, tgt_len, -1).contiguous()
+    attn_output = self.out_proj(attn_output)
+    if _RETURNS_CACHE:  # 4.53 returns the cache too, 4.54+ do not
+        return attn_output, attn_weights, cache
+    return attn_output, attn_weights
+
+
+def patches():
+    """What the patcher installs for these families."""
+    if _PER_IMPLEMENTATION_CLASSES:  # family B
+        return [
+            (modeling_bart.BartAttention, "forward", attention_wrapper(eager_forward)),
+            (modeling_bart.BartSdpaAttention, "forward", attention_wrapper(sdpa_forward)),
+            (modeling_bart.BartFlashAttention2, "forward", attention_wrapper(flash_forward)),
+        ]
+    return [(modeling_bart.BartAttention, "forward", attention_wrapper(attention_forward))]
