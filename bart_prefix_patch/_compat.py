@@ -33,7 +33,7 @@ FORK_MODULES = {
 }
 
 #: Human-readable range, kept in step with FORK_MODULES and setup.cfg.
-SUPPORTED_RANGE = "5.4.0 - 5.24.x"
+SUPPORTED_RANGE = "4.44.0 - 5.24.x"
 
 
 @dataclass
@@ -87,7 +87,7 @@ def check(original: Optional[Callable[[str, str], Any]] = None) -> GateResult:
                 f"bart_prefix_patch: transformers {version} is not patched: its code does not match any release "
                 f"in the fingerprint table ({len(table['releases'])} releases {_first_last(table)}); supported: {SUPPORTED_RANGE}. Differing functions: "
                 f"{', '.join(mismatched) or 'none'}. Install a supported release "
-                "(pip install 'transformers>=5.4,<5.25'), or see docs/adding-a-transformers-version.md."
+                "(pip install 'transformers>=4.44,<5.25'), or see docs/adding-a-transformers-version.md."
             ),
         )
     family = table["sets"][matches[0]]["family"]
