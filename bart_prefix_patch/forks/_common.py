@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+from torch import nn
+
+from transformers.cache_utils import EncoderDecoderCache
 
 from .._state import active_state
 from ..errors import UnsupportedConfigurationError
@@ -16,16 +19,147 @@ def concat_prefix(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
 
 
 def require_growable_cache(layer_cache, layer_idx: int) -> None:
-    """Refuse caches of fixed length: ``[prefix ; keys]`` would overflow them."""
+    """Refuse caches of fixed length: ``[prefix ; keys]`` would overflow them.
+
+    4.54+ keep ``max_cache_len`` on each layer, earlier releases on the cache.
+    """
     layers = getattr(layer_cache, "layers", None)
-    if layers is None or layer_idx >= len(layers):
-        return
-    layer = layers[layer_idx]
-    if getattr(layer, "max_cache_len", None) is not None:
+    if layers is not None:
+        fixed = layers[layer_idx] if layer_idx < len(layers) else None
+    else:
+        fixed = layer_cache
+    if fixed is not None and getattr(fixed, "max_cache_len", None) is not None:
         raise UnsupportedConfigurationError(
-            f"a prefix needs a growable (dynamic) cache, got {type(layer).__name__} in layer {layer_idx}: "
+            f"a prefix needs a growable (dynamic) cache, got {type(fixed).__name__} in layer {layer_idx}: "
             "use the default cache (no cache_implementation, or cache_implementation='dynamic')"
         )
+
+
+def cached_keys_values(layer_cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cached layer's keys/values: ``layers[idx]`` from 4.54, ``key_cache[idx]`` before."""
+    layers = getattr(layer_cache, "layers", None)
+    if layers is not None:
+        return layers[layer_idx].keys, layers[layer_idx].values
+    return layer_cache.key_cache[layer_idx], layer_cache.value_cache[layer_idx]
+
+
+def prefixed_keys_values(
+    self,
+    hidden_states: torch.Tensor,
+    key_value_states: Optional[torch.Tensor],
+    cache,
+    prefix_kv: tuple[torch.Tensor, torch.Tensor],
+    update: Callable,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values ``[prefix ; real]`` with a ``Cache``-object cache (4.52 - 5.24).
+
+    Upstream's key/value block of ``BartAttention.forward`` (the same in
+    families B to E2 but for how the cache is called), with the prefix joined:
+    after the cache update for self-attention, so the cache holds real tokens
+    only; before it for cross-attention, so ``[prefix ; encoder]`` is cached
+    once and reused on every later step.
+
+    Args:
+        update: ``update(layer_cache, keys, values, is_cross_attention) ->
+            (keys, values)``, the family's call of ``layer_cache.update``.
+    """
+    is_cross_attention = key_value_states is not None
+    prefix_key, prefix_value = prefix_kv
+    is_updated = False
+    if cache is not None:
+        if isinstance(cache, EncoderDecoderCache):
+            is_updated = cache.is_updated.get(self.layer_idx)
+            curr_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
+        else:
+            curr_cache = cache
+
+    if is_cross_attention and cache is not None and is_updated:
+        # Reuse: the cached cross keys/values already hold [prefix ; encoder].
+        key_states, value_states = cached_keys_values(curr_cache, self.layer_idx)
+    else:
+        current_states = key_value_states if is_cross_attention else hidden_states
+        kv_shape = (*current_states.shape[:-1], -1, self.head_dim)
+        key_states = self.k_proj(current_states).view(kv_shape).transpose(1, 2)
+        value_states = self.v_proj(current_states).view(kv_shape).transpose(1, 2)
+        if is_cross_attention:
+            # DIFF: the cross prefix is concatenated with the encoder projections
+            # (upstream would have replaced them) and cached together with them,
+            # so generation computes both once per generate() call.
+            key_states = concat_prefix(prefix_key, key_states)
+            value_states = concat_prefix(prefix_value, value_states)
+        if cache is not None:
+            require_growable_cache(curr_cache, self.layer_idx)  # DIFF: static caches cannot hold a prefix
+            key_states, value_states = update(curr_cache, key_states, value_states, is_cross_attention)
+            if is_cross_attention and isinstance(cache, EncoderDecoderCache):
+                cache.is_updated[self.layer_idx] = True
+
+    if not is_cross_attention:
+        # DIFF: the self-attention prefix joins after the cache update, so the
+        # cache (hence positions and generate()'s bookkeeping) holds real tokens only.
+        key_states = concat_prefix(prefix_key, key_states)
+        value_states = concat_prefix(prefix_value, value_states)
+    return key_states, value_states
+
+
+def eager_attention_bmm(
+    self,
+    query_states: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    layer_head_mask: Optional[torch.Tensor],
+    output_attentions: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The 4.44 - 4.52 eager attention math, over ``[prefix ; keys]``.
+
+    Upstream's own lines after the key/value block (identical in those
+    releases); ``layer_head_mask`` multiplies the probabilities of every key,
+    prefix columns included.
+
+    Args:
+        query_states: ``(bsz, heads, tgt_len, head_dim)``, already scaled.
+        key_states: ``(bsz, heads, src_len, head_dim)``.
+        value_states: Like ``key_states``.
+        attention_mask: Additive, broadcastable to ``(bsz, 1, tgt_len, src_len)``.
+
+    Returns:
+        ``(projected output, attention weights or None)``.
+    """
+    bsz, _, tgt_len, _ = query_states.shape
+    proj_shape = (bsz * self.num_heads, -1, self.head_dim)
+    query_states = query_states.reshape(*proj_shape)
+    key_states = key_states.reshape(*proj_shape)
+    value_states = value_states.reshape(*proj_shape)
+
+    src_len = key_states.size(1)
+    attn_weights = torch.bmm(query_states, key_states.transpose(1, 2))
+    if attention_mask is not None:
+        attn_weights = attn_weights.view(bsz, self.num_heads, tgt_len, src_len) + attention_mask
+        attn_weights = attn_weights.view(bsz * self.num_heads, tgt_len, src_len)
+
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+
+    if layer_head_mask is not None:
+        if layer_head_mask.size() != (self.num_heads,):
+            raise ValueError(
+                f"Head mask for a single layer should be of size {(self.num_heads,)}, but is"
+                f" {layer_head_mask.size()}"
+            )
+        attn_weights = layer_head_mask.view(1, -1, 1, 1) * attn_weights.view(bsz, self.num_heads, tgt_len, src_len)
+        attn_weights = attn_weights.view(bsz * self.num_heads, tgt_len, src_len)
+
+    if output_attentions:
+        # Reshaped twice so that attn_weights keeps its gradient (as upstream).
+        attn_weights_reshaped = attn_weights.view(bsz, self.num_heads, tgt_len, src_len)
+        attn_weights = attn_weights_reshaped.view(bsz * self.num_heads, tgt_len, src_len)
+    else:
+        attn_weights_reshaped = None
+
+    attn_probs = nn.functional.dropout(attn_weights, p=self.dropout, training=self.training)
+    attn_output = torch.bmm(attn_probs, value_states)
+    attn_output = attn_output.view(bsz, self.num_heads, tgt_len, self.head_dim).transpose(1, 2)
+    attn_output = attn_output.reshape(bsz, tgt_len, self.embed_dim)
+    return self.out_proj(attn_output), attn_weights_reshaped
 
 
 def attention_wrapper(fork: Callable) -> Callable:

@@ -42,12 +42,10 @@ import inspect
 import textwrap
 
 import torch
-from torch import nn
-from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.bart import modeling_bart
 
 from ..errors import UnsupportedConfigurationError
-from ._common import attention_wrapper, concat_prefix as _cat, require_growable_cache
+from ._common import attention_wrapper, eager_attention_bmm, prefixed_keys_values
 from ._masks import prefixed_mask
 
 FAMILIES = ("B", "C")
@@ -76,71 +74,14 @@ _RETURNS_CACHE = _upstream_returns_cache()
 # ------------------------------------------------------------------ helpers
 
 
-def _cached_layer(layer_cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A cached layer's keys/values: ``layers[idx]`` from 4.54, ``key_cache[idx]`` before."""
-    layers = getattr(layer_cache, "layers", None)
-    if layers is not None:
-        return layers[layer_idx].keys, layers[layer_idx].values
-    return layer_cache.key_cache[layer_idx], layer_cache.value_cache[layer_idx]
-
-
-def _require_growable(layer_cache, layer_idx: int) -> None:
-    """Refuse fixed-size caches; before 4.54 they carry ``max_cache_len`` on the cache itself."""
-    require_growable_cache(layer_cache, layer_idx)  # 4.54+: per-layer caches
-    if getattr(layer_cache, "layers", None) is None and getattr(layer_cache, "max_cache_len", None) is not None:
-        raise UnsupportedConfigurationError(
-            f"a prefix needs a growable (dynamic) cache, got {type(layer_cache).__name__} in layer {layer_idx}: "
-            "use the default cache (no cache_implementation, or cache_implementation='dynamic')"
-        )
-
-
 def _keys_values(self, hidden_states, key_value_states, cache, cache_position, prefix_kv):
-    """Keys/values ``[prefix ; real]`` of one call, with the cache updated as upstream.
+    """Keys/values ``[prefix ; real]`` of one call (see ``prefixed_keys_values``)."""
 
-    Upstream's cache block (identical in B and C but for the cached-layer
-    read) with the prefix joined: after the cache update for self-attention,
-    before it (and therefore cached once) for cross-attention.
-    """
-    is_cross_attention = key_value_states is not None
-    prefix_key, prefix_value = prefix_kv
+    def update(layer_cache, key_states, value_states, is_cross_attention):
+        cache_kwargs = {"cache_position": None if is_cross_attention else cache_position}
+        return layer_cache.update(key_states, value_states, self.layer_idx, cache_kwargs)
 
-    is_updated = False  # as upstream 4.57; 4.52 - 4.56 left it unbound for a non-EncoderDecoderCache cache
-    if cache is not None:
-        if isinstance(cache, EncoderDecoderCache):
-            is_updated = cache.is_updated.get(self.layer_idx)
-            curr_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
-        else:
-            curr_cache = cache
-
-    if is_cross_attention and cache is not None and is_updated:
-        # Reuse: the cached cross keys/values already hold [prefix ; encoder].
-        key_states, value_states = _cached_layer(curr_cache, self.layer_idx)
-    else:
-        current_states = key_value_states if is_cross_attention else hidden_states
-        kv_shape = (*current_states.shape[:-1], -1, self.head_dim)
-        key_states = self.k_proj(current_states).view(kv_shape).transpose(1, 2)
-        value_states = self.v_proj(current_states).view(kv_shape).transpose(1, 2)
-        if is_cross_attention:
-            # DIFF: the cross prefix is concatenated with the encoder projections
-            # (a prefix in the cache would have replaced them) and cached together
-            # with them, so generation computes both once per generate() call.
-            key_states = _cat(prefix_key, key_states)
-            value_states = _cat(prefix_value, value_states)
-        if cache is not None:
-            _require_growable(curr_cache, self.layer_idx)  # DIFF: static caches cannot hold a prefix
-            cache_position = cache_position if not is_cross_attention else None
-            key_states, value_states = curr_cache.update(
-                key_states, value_states, self.layer_idx, {"cache_position": cache_position}
-            )
-            if is_cross_attention and isinstance(cache, EncoderDecoderCache):
-                cache.is_updated[self.layer_idx] = True
-
-    if not is_cross_attention:
-        # DIFF: the self-attention prefix joins after the cache update, so the
-        # cache (hence positions and generate()'s bookkeeping) holds real tokens only.
-        key_states = _cat(prefix_key, key_states)
-        value_states = _cat(prefix_value, value_states)
-    return key_states, value_states
+    return prefixed_keys_values(self, hidden_states, key_value_states, cache, prefix_kv, update)
 
 
 def _mask(self, attention_mask, n_prefix, query_len, key_len, is_cross_attention, boolean, dtype, device):
@@ -195,61 +136,14 @@ def eager_forward(
         self, hidden_states, key_value_states, past_key_value, cache_position, prefix_kv
     )
 
-    proj_shape = (bsz * self.num_heads, -1, self.head_dim)
-    query_states = query_states.reshape(*proj_shape)
-    key_states = key_states.reshape(*proj_shape)
-    value_states = value_states.reshape(*proj_shape)
-
-    src_len = key_states.size(1)
-    attn_weights = torch.bmm(query_states, key_states.transpose(1, 2))
-
-    if attn_weights.size() != (bsz * self.num_heads, tgt_len, src_len):
-        raise ValueError(
-            f"Attention weights should be of size {(bsz * self.num_heads, tgt_len, src_len)}, but is"
-            f" {attn_weights.size()}"
-        )
-
     # DIFF: the mask gains always-visible prefix columns (upstream only sliced it to the keys).
     attention_mask = _mask(
-        self, attention_mask, prefix_kv[0].shape[2], tgt_len, src_len, is_cross_attention,
-        boolean=False, dtype=attn_weights.dtype, device=attn_weights.device,
+        self, attention_mask, prefix_kv[0].shape[2], tgt_len, key_states.shape[-2], is_cross_attention,
+        boolean=False, dtype=query_states.dtype, device=query_states.device,
     )
-    if attention_mask is not None:
-        attn_weights = attn_weights.view(bsz, self.num_heads, tgt_len, src_len) + attention_mask
-        attn_weights = attn_weights.view(bsz * self.num_heads, tgt_len, src_len)
-
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
-
-    if layer_head_mask is not None:
-        if layer_head_mask.size() != (self.num_heads,):
-            raise ValueError(
-                f"Head mask for a single layer should be of size {(self.num_heads,)}, but is"
-                f" {layer_head_mask.size()}"
-            )
-        # Multiplies the probabilities of every column, prefix columns included.
-        attn_weights = layer_head_mask.view(1, -1, 1, 1) * attn_weights.view(bsz, self.num_heads, tgt_len, src_len)
-        attn_weights = attn_weights.view(bsz * self.num_heads, tgt_len, src_len)
-
-    if output_attentions:
-        # Reshaped twice so that attn_weights keeps its gradient (as upstream).
-        attn_weights_reshaped = attn_weights.view(bsz, self.num_heads, tgt_len, src_len)
-        attn_weights = attn_weights_reshaped.view(bsz * self.num_heads, tgt_len, src_len)
-    else:
-        attn_weights_reshaped = None
-
-    attn_probs = nn.functional.dropout(attn_weights, p=self.dropout, training=self.training)
-    attn_output = torch.bmm(attn_probs, value_states)
-
-    if attn_output.size() != (bsz * self.num_heads, tgt_len, self.head_dim):
-        raise ValueError(
-            f"`attn_output` should be of size {(bsz * self.num_heads, tgt_len, self.head_dim)}, but is"
-            f" {attn_output.size()}"
-        )
-
-    attn_output = attn_output.view(bsz, self.num_heads, tgt_len, self.head_dim)
-    attn_output = attn_output.transpose(1, 2)
-    attn_output = attn_output.reshape(bsz, tgt_len, self.embed_dim)
-    attn_output = self.out_proj(attn_output)
+    attn_output, attn_weights_reshaped = eager_attention_bmm(
+        self, query_states, key_states, value_states, attention_mask, layer_head_mask, output_attentions
+    )
     return attn_output, attn_weights_reshaped, past_key_value
 
 

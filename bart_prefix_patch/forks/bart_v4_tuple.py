@@ -28,11 +28,10 @@ repeated per beam like the encoder output).
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers.models.bart import modeling_bart
 
 from ..errors import UnsupportedConfigurationError
-from ._common import attention_wrapper, concat_prefix as _cat
+from ._common import attention_wrapper, concat_prefix as _cat, eager_attention_bmm
 from ._masks import prefixed_mask
 
 FAMILIES = ("A1", "A2")
@@ -141,69 +140,19 @@ def attention_forward(
         self, hidden_states, key_value_states, past_key_value, prefix_kv
     )
 
-    proj_shape = (bsz * self.num_heads, -1, self.head_dim)
-    query_states = self._shape(query_states, tgt_len, bsz).view(*proj_shape)
+    query_states = self._shape(query_states, tgt_len, bsz)
     built = attention_mask is None
     attention_mask = _mask(  # DIFF: prefix columns (and a causal mask where upstream had none)
         self, attention_mask, query_states, key_states, prefix_kv[0].shape[2], is_cross_attention, boolean=False
     )
-    if built and attention_mask is not None:
-        # DIFF: a mask built by prefixed_mask has batch 1; the check below wants bsz.
-        attention_mask = attention_mask.expand(bsz, -1, -1, -1)
-    key_states = key_states.reshape(*proj_shape)
-    value_states = value_states.reshape(*proj_shape)
-
-    src_len = key_states.size(1)
-    attn_weights = torch.bmm(query_states, key_states.transpose(1, 2))
-
-    if attn_weights.size() != (bsz * self.num_heads, tgt_len, src_len):
+    src_len = key_states.shape[-2]
+    if attention_mask is not None and not built and attention_mask.size() != (bsz, 1, tgt_len, src_len):
         raise ValueError(
-            f"Attention weights should be of size {(bsz * self.num_heads, tgt_len, src_len)}, but is"
-            f" {attn_weights.size()}"
+            f"Attention mask should be of size {(bsz, 1, tgt_len, src_len)}, but is {attention_mask.size()}"
         )
-
-    if attention_mask is not None:
-        if attention_mask.size() != (bsz, 1, tgt_len, src_len):
-            raise ValueError(
-                f"Attention mask should be of size {(bsz, 1, tgt_len, src_len)}, but is {attention_mask.size()}"
-            )
-        attn_weights = attn_weights.view(bsz, self.num_heads, tgt_len, src_len) + attention_mask
-        attn_weights = attn_weights.view(bsz * self.num_heads, tgt_len, src_len)
-
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
-
-    if layer_head_mask is not None:
-        if layer_head_mask.size() != (self.num_heads,):
-            raise ValueError(
-                f"Head mask for a single layer should be of size {(self.num_heads,)}, but is"
-                f" {layer_head_mask.size()}"
-            )
-        attn_weights = layer_head_mask.view(1, -1, 1, 1) * attn_weights.view(bsz, self.num_heads, tgt_len, src_len)
-        attn_weights = attn_weights.view(bsz * self.num_heads, tgt_len, src_len)
-
-    if output_attentions:
-        # Reshaped twice so that attn_weights keeps its gradient (as upstream).
-        attn_weights_reshaped = attn_weights.view(bsz, self.num_heads, tgt_len, src_len)
-        attn_weights = attn_weights_reshaped.view(bsz * self.num_heads, tgt_len, src_len)
-    else:
-        attn_weights_reshaped = None
-
-    attn_probs = nn.functional.dropout(attn_weights, p=self.dropout, training=self.training)
-
-    attn_output = torch.bmm(attn_probs, value_states)
-
-    if attn_output.size() != (bsz * self.num_heads, tgt_len, self.head_dim):
-        raise ValueError(
-            f"`attn_output` should be of size {(bsz * self.num_heads, tgt_len, self.head_dim)}, but is"
-            f" {attn_output.size()}"
-        )
-
-    attn_output = attn_output.view(bsz, self.num_heads, tgt_len, self.head_dim)
-    attn_output = attn_output.transpose(1, 2)
-    attn_output = attn_output.reshape(bsz, tgt_len, self.embed_dim)
-
-    attn_output = self.out_proj(attn_output)
-
+    attn_output, attn_weights_reshaped = eager_attention_bmm(
+        self, query_states, key_states, value_states, attention_mask, layer_head_mask, output_attentions
+    )
     return attn_output, attn_weights_reshaped, past_key_value
 
 

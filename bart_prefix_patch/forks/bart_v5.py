@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import inspect
 
-from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.bart import modeling_bart
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ._common import attention_wrapper, concat_prefix as _cat, require_growable_cache
+from ._common import attention_wrapper, prefixed_keys_values
 from ._masks import prefixed_mask
 
 FAMILIES = ("D", "E", "E2")
@@ -77,54 +76,23 @@ def attention_forward(
         cache_position = kwargs.pop("cache_position", None)
     input_shape = hidden_states.shape[:-1]
     query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
-    prefix_key, prefix_value = prefix_kv
 
-    is_updated = False
-    if cache is not None:
-        if isinstance(cache, EncoderDecoderCache):
-            is_updated = cache.is_updated.get(self.layer_idx)
-            curr_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
-        else:
-            curr_cache = cache
+    def update(layer_cache, key_states, value_states, is_cross_attention):
+        if _CACHE_POSITION_TO_UPDATE:  # D
+            cache_kwargs = {"cache_position": None if is_cross_attention else cache_position}
+            return layer_cache.update(key_states, value_states, self.layer_idx, cache_kwargs)
+        if _KWARGS_TO_UPDATE:  # E2
+            return layer_cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+        return layer_cache.update(key_states, value_states, self.layer_idx)  # E
 
-    if is_cross_attention and cache is not None and is_updated:
-        # Reuse: the cached cross keys/values already hold [prefix ; encoder].
-        key_states = curr_cache.layers[self.layer_idx].keys
-        value_states = curr_cache.layers[self.layer_idx].values
-    else:
-        current_states = key_value_states if is_cross_attention else hidden_states
-        kv_shape = (*current_states.shape[:-1], -1, self.head_dim)
-        key_states = self.k_proj(current_states).view(kv_shape).transpose(1, 2)
-        value_states = self.v_proj(current_states).view(kv_shape).transpose(1, 2)
-        if is_cross_attention:
-            # DIFF: the cross prefix is concatenated with the encoder projections
-            # (upstream would have replaced them) and cached together with them,
-            # so generation computes both once per generate() call.
-            key_states = _cat(prefix_key, key_states)
-            value_states = _cat(prefix_value, value_states)
-        if cache is not None:
-            require_growable_cache(curr_cache, self.layer_idx)  # DIFF: static caches cannot hold a prefix
-            if _CACHE_POSITION_TO_UPDATE:  # D
-                cache_kwargs = {"cache_position": None if is_cross_attention else cache_position}
-                key_states, value_states = curr_cache.update(key_states, value_states, self.layer_idx, cache_kwargs)
-            elif _KWARGS_TO_UPDATE:  # E2
-                key_states, value_states = curr_cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
-            else:  # E
-                key_states, value_states = curr_cache.update(key_states, value_states, self.layer_idx)
-            if is_cross_attention and isinstance(cache, EncoderDecoderCache):
-                cache.is_updated[self.layer_idx] = True
-
-    if not is_cross_attention:
-        # DIFF: the self-attention prefix joins after the cache update, so the
-        # cache (hence positions and generate()'s bookkeeping) holds real tokens only.
-        key_states = _cat(prefix_key, key_states)
-        value_states = _cat(prefix_value, value_states)
+    # DIFF: keys/values are [prefix ; real] (see prefixed_keys_values).
+    key_states, value_states = prefixed_keys_values(self, hidden_states, key_value_states, cache, prefix_kv, update)
 
     implementation = self.config._attn_implementation
     # DIFF: the mask gains always-visible prefix columns (see prefixed_mask).
     attention_mask = prefixed_mask(
         attention_mask,
-        n_prefix=prefix_key.shape[2],
+        n_prefix=prefix_kv[0].shape[2],
         query_len=query_states.shape[2],
         key_len=key_states.shape[2],
         causal=self.is_causal and not is_cross_attention,
