@@ -3,6 +3,7 @@
     nox                       # every pinned release
     nox -s "tests(5.3.0)"     # one of them
     nox -s latest             # newest transformers: are its fingerprints known? (non-blocking)
+    nox -s "peft(0.21.2-5.24.0)"  # with peft: the PEFT integration (tests/test_peft.py) and the suite
 
 Each session is its own virtual environment with torch 2.13.0 (the local CPU
 wheel, pinned in constraints.txt) and one ``requirements/transformers-X.txt``.
@@ -23,9 +24,18 @@ PINS = {
     "5.24.0": "E2",
 }
 
-nox.options.sessions = [f"tests({pin})" for pin in PINS]
+#: (peft, transformers) pairs of the PEFT integration sessions (docs/peft.md), one
+#: ``requirements/peft-P-transformers-T.txt`` each.
+PEFT_PAIRS = [("0.21.2", "5.24.0"), ("0.21.2", "4.57.6")]
+PEFT_IDS = [f"{peft_pin}-{transformers_pin}" for peft_pin, transformers_pin in PEFT_PAIRS]
+PEFT_SESSIONS = [f"peft({pair})" for pair in PEFT_IDS]
+
+nox.options.sessions = [f"tests({pin})" for pin in PINS] + PEFT_SESSIONS
 nox.options.reuse_existing_virtualenvs = True
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+#: The benchmarks' --quick smoke test runs once, in the README's test command (5.24.0);
+#: repeating its two minutes in every session would not test the patch any further.
+PYTEST = ("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--ignore=tests/test_benchmarks_quick.py")
 
 
 @nox.session(name="tests")
@@ -36,13 +46,24 @@ def tests(session: nox.Session, pin: str) -> None:
     requirement = f"requirements/transformers-{pin}.txt"
     session.install("-c", "constraints-matrix.txt", "-c", requirement, "-r", requirement, "-e", ".[test]")
     session.run("python", "-m", "bart_prefix_patch", "doctor", env=ENV)
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs, env=ENV)
+    session.run(*PYTEST, *session.posargs, env=ENV)
+
+
+@nox.session(name="peft")
+@nox.parametrize("pair", PEFT_IDS, ids=PEFT_IDS)
+def peft_matrix(session: nox.Session, pair: str) -> None:
+    """The whole suite (tests/test_peft.py included) with peft installed, for one (peft, transformers) pair."""
+    peft_pin, transformers_pin = pair.split("-")
+    requirement = f"requirements/peft-{peft_pin}-transformers-{transformers_pin}.txt"
+    session.install("-c", "constraints-matrix.txt", "-c", requirement, "-r", requirement, "-e", ".[test,peft]")
+    session.run("python", "-m", "bart_prefix_patch", "doctor", env=ENV)
+    session.run(*PYTEST, *session.posargs, env=ENV)
 
 
 @nox.session
 def latest(session: nox.Session) -> None:
     """Newest transformers from the registry: report whether the gate knows it (never fails)."""
-    session.install("-c", "constraints-matrix.txt", "wrapt", "pytest")
+    session.install("-c", "constraints-matrix.txt", "torch", "wrapt", "pytest")
     session.install("-c", "constraints-matrix.txt", "--upgrade", "transformers")
     session.install("--no-deps", "-e", ".")
     session.run(

@@ -21,6 +21,7 @@ from .errors import (
 )
 from .encoder import PrefixEncoder
 from .io import load_prefix, save_prefix
+from ._peft import PeftIntegrationWarning, peft_prefix, peft_semantics, set_peft_semantics
 from .prefix import Prefix
 from .tuning import add_prefix_tuning, trainable_parameters
 
@@ -46,6 +47,10 @@ __all__ = [
     "PrefixError",
     "UnsupportedConfigurationError",
     "UnsupportedTransformersError",
+    "PeftIntegrationWarning",
+    "peft_prefix",
+    "peft_semantics",
+    "set_peft_semantics",
     "__version__",
 ]
 

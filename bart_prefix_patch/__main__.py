@@ -1,4 +1,4 @@
-"""Command line: ``python -m bart_prefix_patch doctor``."""
+"""Command line: ``python -m bart_prefix_patch {doctor,demo,train,generate}``."""
 
 from __future__ import annotations
 
@@ -10,13 +10,20 @@ from ._doctor import doctor
 
 def main(argv=None) -> int:
     """Entry point of ``python -m bart_prefix_patch``."""
+    from ._cli import CLIError, add_commands, run
+
     parser = argparse.ArgumentParser(prog="python -m bart_prefix_patch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="versions, fork, fingerprints and a few-second self-check")
+    add_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "doctor":
         return doctor()
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    try:
+        return run(args)
+    except CLIError as error:
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

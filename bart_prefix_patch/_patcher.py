@@ -66,12 +66,16 @@ def _original_lookup(module_name: str, qualname: str) -> Any:
     return None
 
 
-def apply(strict: bool = False) -> bool:
+def apply(strict: bool = False, peft: Optional[bool] = None) -> bool:
     """Patch transformers so BART attention honours prefixes.
 
     Args:
         strict: Raise instead of warning when the installed transformers is
             not a known release.
+        peft: The PEFT prefix-tuning integration (docs/peft.md): True or False
+            records the choice; None keeps the last one (initially on, unless
+            the environment variable ``BART_PREFIX_PATCH_PEFT=0``). It is only
+            active while the patch is applied.
 
     Returns:
         True when the patch is applied (also when it already was), False when
@@ -81,6 +85,14 @@ def apply(strict: bool = False) -> bool:
     Raises:
         UnsupportedTransformersError: With ``strict=True`` on a refused release.
     """
+    applied = _apply(strict)
+    from . import _peft  # late: _peft imports this module
+
+    _peft.configure(peft)
+    return applied
+
+
+def _apply(strict: bool) -> bool:
     global _APPLIED, _GATE
     with _LOCK:
         _install_guards()
@@ -90,7 +102,7 @@ def apply(strict: bool = False) -> bool:
         if not _GATE.ok:
             if strict:
                 raise UnsupportedTransformersError(_GATE.message)
-            warnings.warn(_GATE.message, RuntimeWarning, stacklevel=2)
+            warnings.warn(_GATE.message, RuntimeWarning, stacklevel=3)
             return False
         for owner, attr, wrapper in _GATE.fork.patches():
             _wrap(owner, attr, wrapper, _INSTALLED)
@@ -110,6 +122,9 @@ def revert() -> None:
         for key in list(_INSTALLED):
             _unwrap(key, _INSTALLED.pop(key))
         _APPLIED = False
+        from . import _peft  # late: _peft imports this module
+
+        _peft.configure()  # PEFT's own methods again
 
 
 def is_applied() -> bool:
@@ -220,6 +235,10 @@ def _bart_classes() -> list[tuple[type, str, Callable]]:
         if hasattr(mb, name)
     ]
     entries.append((mb.BartForConditionalGeneration, "generate", _entry_generate))
+    # An attached prefix module is saved next to the weights, not in them (_saving.py, docs/training.md).
+    from ._saving import entry_save_pretrained
+
+    entries.append((mb.BartPreTrainedModel, "save_pretrained", entry_save_pretrained))
     return entries
 
 

@@ -33,6 +33,9 @@ def add_prefix_tuning(model: torch.nn.Module, **encoder_kwargs) -> PrefixEncoder
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     attach(model, encoder, _on_detach=restore)
+    from .trainer import prepare_for_training
+
+    prepare_for_training(model)  # Hugging Face Trainer: resume with the prefix, correct loss scaling (docs/training.md)
     return encoder
 
 

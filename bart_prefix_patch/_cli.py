@@ -1,0 +1,425 @@
+"""``train`` and ``generate`` subcommands: prefix-tune a local BART folder on JSONL, run a saved prefix.
+
+Errors the user can fix (missing files, bad JSON lines, missing fields, a folder
+that is not a BART checkpoint) raise :class:`CLIError`; ``__main__`` prints its
+one-line message and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+RUN_INFO = "prefix_training.json"
+SITES = ("encoder", "decoder", "cross")
+
+
+class CLIError(Exception):
+    """A problem with the command line or its input files: one line, exit code 2."""
+
+
+# ------------------------------------------------------------------ input
+
+
+def read_jsonl(path: str, fields: tuple[str, ...], option: str) -> list[dict]:
+    """The records of a JSONL file; every one must be an object with string ``fields``."""
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"{option} {path}: file not found")
+    records = []
+    with file.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CLIError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(record, dict):
+                raise CLIError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            for field in fields:
+                if field not in record:
+                    available = ", ".join(repr(k) for k in record) or "none"
+                    raise CLIError(f"{path}:{number}: missing field {field!r} (fields: {available})")
+                if not isinstance(record[field], str):
+                    raise CLIError(
+                        f"{path}:{number}: field {field!r} must be a string, got {type(record[field]).__name__}"
+                    )
+            records.append(record)
+    if not records:
+        raise CLIError(f"{path}: no examples (empty file)")
+    return records
+
+
+def load_model_and_tokenizer(directory: str, device: str):
+    """A BART model and its tokenizer from a folder written by ``save_pretrained`` (never downloads)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise CLIError(f"--model {directory}: directory not found")
+    if not (folder / "config.json").is_file():
+        raise CLIError(f"--model {directory}: no config.json (expected a folder written by save_pretrained)")
+    import transformers
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    if getattr(config, "model_type", None) != "bart":
+        raise CLIError(
+            f"--model {directory}: model_type {getattr(config, 'model_type', None)!r} is not supported "
+            "(bart_prefix_patch patches BART: BartForConditionalGeneration checkpoints)"
+        )
+    weights = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
+    if not weights:
+        raise CLIError(f"--model {directory}: no model weights ({', '.join(_WEIGHT_FILES)})")
+    hint = "save one there with tokenizer.save_pretrained()"
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise CLIError(f"--model {directory}: no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}, ...): {hint}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as error:  # transformers raises OSError, ValueError or TypeError here
+        raise CLIError(f"--model {directory}: no usable tokenizer ({_first_line(error)}): {hint}") from None
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()  # no load report or bar for the folder we were pointed at
+    transformers.logging.disable_progress_bar()
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(directory, local_files_only=True)
+    except Exception as error:
+        raise CLIError(f"--model {directory}: cannot load the model ({_first_line(error)})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
+    return model.to(device), tokenizer
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "vocab.txt")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+def _fit_lengths(args, model) -> None:
+    """Source, target and generated lengths within the model's learned positions."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    for name in ("max_source_length", "max_target_length"):
+        if getattr(args, name, None):
+            setattr(args, name, min(getattr(args, name), limit))
+    args.max_new_tokens = min(args.max_new_tokens, limit - 1)
+
+
+def _device(requested: Optional[str]) -> str:
+    import torch
+
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sites(text: str) -> tuple[str, ...]:
+    sites = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in sites if s not in SITES]
+    if unknown or not sites:
+        raise CLIError(f"--sites {text}: expected a comma-separated subset of {','.join(SITES)}")
+    return sites
+
+
+# ------------------------------------------------------------- batching
+
+
+def _encode(tokenizer, sources: list[str], targets: Optional[list[str]], args) -> dict:
+    batch = tokenizer(sources, max_length=args.max_source_length, truncation=True, padding=True, return_tensors="pt")
+    out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if targets is not None:
+        labels = tokenizer(text_target=targets, max_length=args.max_target_length, truncation=True, padding=True,
+                           return_tensors="pt")["input_ids"]
+        labels[labels == tokenizer.pad_token_id] = -100
+        out["labels"] = labels
+    return out
+
+
+def _batches(records: list[dict], size: int, shuffle: Optional[random.Random] = None):
+    order = list(range(len(records)))
+    if shuffle is not None:
+        shuffle.shuffle(order)
+    for start in range(0, len(order), size):
+        yield [records[i] for i in order[start : start + size]]
+
+
+def _progress(total: int, description: str, disable: bool = False):
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=description, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, disable=disable)
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        return None
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _predict(model, tokenizer, sources: list[str], args, description: str = "generating") -> list[str]:
+    import torch
+
+    predictions = []
+    bar = _progress(len(sources), description, disable=len(sources) <= args.batch_size)
+    model.eval()
+    for start in range(0, len(sources), args.batch_size):
+        chunk = sources[start : start + args.batch_size]
+        batch = {k: v.to(model.device) for k, v in _encode(tokenizer, chunk, None, args).items()}
+        with torch.no_grad():
+            out = model.generate(**batch, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+        predictions += [_normalise(t) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return predictions
+
+
+def _evaluate(model, tokenizer, records: list[dict], args) -> dict:
+    import torch
+
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for chunk in _batches(records, args.batch_size):
+            batch = _encode(tokenizer, [r[args.source_field] for r in chunk], [r[args.target_field] for r in chunk], args)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            count = int((batch["labels"] != -100).sum())
+            total += model(**batch).loss.item() * count
+            tokens += count
+    predictions = _predict(model, tokenizer, [r[args.source_field] for r in records], args, "evaluating")
+    exact = sum(p == _normalise(r[args.target_field]) for p, r in zip(predictions, records)) / len(records)
+    return {"eval_loss": total / max(tokens, 1), "exact_match": exact, "example": predictions[0]}
+
+
+# ----------------------------------------------------------------- train
+
+
+def train(args) -> int:
+    import torch
+
+    import bart_prefix_patch as bpp
+
+    fields = (args.source_field, args.target_field)
+    train_records = read_jsonl(args.train, fields, "--train")
+    eval_records = read_jsonl(args.eval, fields, "--eval") if args.eval else None
+    sites = _sites(args.sites)
+    for name in ("epochs", "batch_size", "prefix_length", "max_source_length", "max_target_length"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"--output {args.output}: exists and is not a directory")
+
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = _device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device)
+    _fit_lengths(args, model)
+    try:
+        encoder = bpp.add_prefix_tuning(
+            model, prefix_length=args.prefix_length, sites=sites,
+            hidden_size=args.hidden_size or None, dropout=args.dropout,
+        )
+    except bpp.BartPrefixPatchError as error:
+        raise CLIError(f"--model {args.model}: {error}") from None
+    counts = bpp.trainable_parameters(model)
+    steps_per_epoch = math.ceil(len(train_records) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    print(f"model {args.model}: {type(model).__name__}, {counts['total'] - counts['trainable']:,} frozen parameters")
+    print(f"prefix: length {args.prefix_length} at {','.join(sites)}, "
+          f"{'flat' if not args.hidden_size else f'MLP width {args.hidden_size}'}: "
+          f"{counts['trainable']:,} trainable parameters ({counts['percent']:.2f}%)")
+    print(f"data: {len(train_records)} training examples"
+          + (f", {len(eval_records)} eval examples" if eval_records else "")
+          + f"; {args.epochs} epochs x {steps_per_epoch} steps of batch {args.batch_size} on {device}")
+
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
+    shuffle = random.Random(args.seed)
+    history, evaluations, step = [], [], 0
+    eval_every = args.eval_every if args.eval_every > 0 else steps_per_epoch
+    started = time.perf_counter()
+
+    def run_eval(epoch):
+        metrics = {"step": step, "epoch": epoch, **_evaluate(model, tokenizer, eval_records, args)}
+        evaluations.append(metrics)
+        print(f"eval @ step {step}: loss {metrics['eval_loss']:.4f}, exact match {100 * metrics['exact_match']:.1f}%, "
+              f"first prediction {metrics['example']!r}", flush=True)
+        model.train()
+
+    if eval_records:
+        run_eval(0)
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        bar = _progress(steps_per_epoch, f"epoch {epoch}/{args.epochs}")
+        for chunk in _batches(train_records, args.batch_size, shuffle):
+            batch = _encode(tokenizer, [r[args.source_field] for r in chunk], [r[args.target_field] for r in chunk], args)
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            history.append({"step": step, "loss": loss.item()})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"loss {loss.item():.4f}")
+            elif step % max(1, steps_per_epoch // 5) == 0:  # pragma: no cover - no tqdm
+                print(f"epoch {epoch} step {step}/{total_steps}: loss {loss.item():.4f}", flush=True)
+            if eval_records and step % eval_every == 0:
+                if bar is not None:
+                    bar.clear()
+                run_eval(epoch)
+        if bar is not None:
+            bar.close()
+        recent = [h["loss"] for h in history[-steps_per_epoch:]]
+        print(f"epoch {epoch}: mean training loss {sum(recent) / len(recent):.4f}", flush=True)
+    if eval_records and (not evaluations or evaluations[-1]["step"] != step):
+        run_eval(args.epochs)
+
+    model.eval()
+    bpp.save_prefix(encoder, output)
+    info = {
+        "model": str(Path(args.model).resolve()),
+        "train": str(Path(args.train).resolve()),
+        "eval": str(Path(args.eval).resolve()) if args.eval else None,
+        "source_field": args.source_field,
+        "target_field": args.target_field,
+        "max_source_length": args.max_source_length,
+        "max_target_length": args.max_target_length,
+        "steps": step,
+        "seconds": round(time.perf_counter() - started, 2),
+        "loss_history": history,
+        "evaluations": evaluations,
+    }
+    (output / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    first, last = history[0]["loss"], sum(h["loss"] for h in history[-steps_per_epoch:]) / min(steps_per_epoch, len(history))
+    print(f"trained {step} steps in {info['seconds']:.1f} s: training loss {first:.4f} -> {last:.4f}")
+    if evaluations:
+        print(f"eval exact match {100 * evaluations[0]['exact_match']:.1f}% -> {100 * evaluations[-1]['exact_match']:.1f}%")
+    print(f"prefix saved to {output} (prefix_config.json, prefix_model.safetensors, {RUN_INFO})")
+    return 0
+
+
+# -------------------------------------------------------------- generate
+
+
+def generate(args) -> int:
+    import bart_prefix_patch as bpp
+
+    prefix_dir = Path(args.prefix)
+    if not prefix_dir.is_dir():
+        raise CLIError(f"--prefix {args.prefix}: directory not found")
+    for name in ("prefix_config.json", "prefix_model.safetensors"):
+        if not (prefix_dir / name).is_file():
+            raise CLIError(f"--prefix {args.prefix}: no {name} (expected a folder written by `train` or save_prefix)")
+    info = {}
+    if (prefix_dir / RUN_INFO).is_file():
+        info = json.loads((prefix_dir / RUN_INFO).read_text(encoding="utf-8"))
+    model_dir = args.model or info.get("model")
+    if not model_dir:
+        raise CLIError(f"--model is required: {args.prefix} does not record the model it was trained on")
+    args.max_source_length = args.max_source_length or info.get("max_source_length", 1024)
+    if bool(args.input) == bool(args.text):
+        raise CLIError("give either --input FILE.jsonl or --text TEXT (one or more)")
+    source_field = args.source_field or info.get("source_field", "src")
+    records = read_jsonl(args.input, (source_field,), "--input") if args.input else None
+
+    model, tokenizer = load_model_and_tokenizer(model_dir, _device(args.device))
+    _fit_lengths(args, model)
+    try:
+        bpp.attach(model, bpp.load_prefix(prefix_dir, model=model))
+    except bpp.BartPrefixPatchError as error:
+        raise CLIError(f"--prefix {args.prefix}: {error}") from None
+    sources = [r[source_field] for r in records] if records is not None else list(args.text)
+    predictions = _predict(model, tokenizer, sources, args)
+    if records is None:
+        lines = predictions
+    else:
+        lines = [json.dumps({**record, "prediction": p}, ensure_ascii=False) for record, p in zip(records, predictions)]
+    if args.output:
+        Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"{len(lines)} predictions written to {args.output}", file=sys.stderr)
+    else:
+        for line in lines:
+            print(line)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def add_commands(commands) -> None:
+    """Register ``demo``, ``train`` and ``generate`` on an argparse subparsers object."""
+    demo = commands.add_parser(
+        "demo", help="build, pretrain, freeze and prefix-tune a small BART; compare with stock transformers",
+        description="Builds a small BART, pretrains it on tagged tasks, freezes it, prefix-tunes it on a new "
+        "untagged task, and runs the same prefix-tuning with stock transformers. No downloads.",
+    )
+    demo.add_argument("--quick", action="store_true", help="a ~30 s smoke version")
+    demo.add_argument("--seed", type=int, default=0)
+
+    train_parser = commands.add_parser(
+        "train", help="prefix-tune a local BART folder on a JSONL file",
+        description="Prefix-tunes a BART checkpoint folder (save_pretrained, with its tokenizer) on JSONL "
+        "records; writes the prefix (save_prefix format) to --output.",
+    )
+    train_parser.add_argument("--model", required=True, help="folder with config.json, weights and tokenizer")
+    train_parser.add_argument("--train", required=True, help="training JSONL file")
+    train_parser.add_argument("--eval", help="evaluation JSONL file (loss and exact match)")
+    train_parser.add_argument("--source-field", default="src", help="JSON field of the input text (default: src)")
+    train_parser.add_argument("--target-field", default="tgt", help="JSON field of the target text (default: tgt)")
+    train_parser.add_argument("--output", required=True, help="output folder for the prefix")
+    train_parser.add_argument("--prefix-length", type=int, default=20)
+    train_parser.add_argument("--hidden-size", type=int, default=512, help="prefix MLP width; 0 for a flat prefix")
+    train_parser.add_argument("--sites", default=",".join(SITES), help="comma-separated subset of encoder,decoder,cross")
+    train_parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the prefix keys/values")
+    train_parser.add_argument("--epochs", type=int, default=3)
+    train_parser.add_argument("--batch-size", type=int, default=8)
+    train_parser.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (linear decay to 0)")
+    train_parser.add_argument("--max-source-length", type=int, default=256)
+    train_parser.add_argument("--max-target-length", type=int, default=128)
+    train_parser.add_argument("--max-new-tokens", type=int, default=128, help="for evaluation generate()")
+    train_parser.add_argument("--num-beams", type=int, default=1, help="for evaluation generate()")
+    train_parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: each epoch)")
+    train_parser.add_argument("--seed", type=int, default=0)
+    train_parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+    gen = commands.add_parser(
+        "generate", help="run a saved prefix on new inputs",
+        description="Loads the base model and a prefix written by `train` (or save_prefix) and generates.",
+    )
+    gen.add_argument("--prefix", required=True, help="folder written by `train` or save_prefix")
+    gen.add_argument("--model", help="base model folder (default: the one recorded by `train`)")
+    gen.add_argument("--input", help="JSONL file of inputs")
+    gen.add_argument("--text", action="append", help="an input text (repeatable)")
+    gen.add_argument("--source-field", help="JSON field of the input text (default: as trained, else src)")
+    gen.add_argument("--output", help="write predictions here (JSONL with --input) instead of stdout")
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--num-beams", type=int, default=4)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-source-length", type=int, help="default: as trained")
+    gen.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def run(args) -> int:
+    """Dispatch a parsed ``demo`` / ``train`` / ``generate`` command."""
+    if args.command == "demo":
+        from ._demo import run as run_demo
+
+        return run_demo(quick=args.quick, seed=args.seed)
+    if args.command == "train":
+        return train(args)
+    return generate(args)

@@ -1,0 +1,173 @@
+"""Training integration: Hugging Face ``Trainer`` checkpoints and loading a prefix-tuned model.
+
+Where the prefix lives (docs/training.md):
+
+* **In memory** it is a submodule of the model, ``model.bpp_prefix``: it is in
+  ``parameters()`` and ``state_dict()``, moves with ``.to()``, is broadcast and
+  all-reduced by DDP, and the Trainer's optimizer picks up its parameters (the
+  only ones with ``requires_grad`` after :func:`add_prefix_tuning`).
+* **On disk** it is next to the weights, never inside them: ``save_pretrained``
+  (and therefore every Trainer checkpoint) writes the base model's weights
+  only, plus ``prefix_config.json`` and ``prefix_model.safetensors``. The
+  folder loads into the unmodified model without the plugin.
+* **Resuming**: the Trainer reloads ``model.safetensors`` into the model
+  (prefix keys missing, by design); :func:`install_trainer_hooks` makes it
+  then copy the saved prefix into the attached encoder, in place, when
+  resuming and for ``load_best_model_at_end``. The hooks are installed as soon
+  as ``transformers.trainer`` is imported (a post-import hook registered when
+  the patch is applied) and again by :func:`add_prefix_tuning`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import threading
+import warnings
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from ._saving import attached_module, has_saved_prefix, ignored_on_save, prefix_keys, restore_prefix
+
+__all__ = ["install_trainer_hooks", "load_prefix_tuned", "prepare_for_training", "restore_prefix"]
+
+_LOCK = threading.Lock()
+_HOOK_FLAG = "_bpp_trainer_hook"
+
+
+def _resume_hook(original: Callable) -> Callable:
+    """``Trainer._load_from_checkpoint(resume_from_checkpoint, model=None)`` that restores the prefix."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def _load_from_checkpoint(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        directory = bound.arguments.get("resume_from_checkpoint")
+        model = bound.arguments.get("model")
+        model = self.model if model is None else model
+        if directory is None or attached_module(model) is None or not has_saved_prefix(directory):
+            if directory is not None and attached_module(model) is not None:
+                warnings.warn(
+                    f"resuming from {directory}: no saved prefix there (prefix_model.safetensors); "
+                    "the attached prefix keeps its current values unless the weights file holds it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return original(self, *args, **kwargs)
+        # The prefix keys are missing from model.safetensors by design: tell the Trainer they are expected.
+        with ignored_on_save(_unwrapped(self.model), prefix_keys(model)):
+            result = original(self, *args, **kwargs)
+        restore_prefix(model, directory)
+        return result
+
+    setattr(_load_from_checkpoint, _HOOK_FLAG, True)
+    return _load_from_checkpoint
+
+
+def _best_model_hook(original: Callable) -> Callable:
+    """``Trainer._load_best_model()`` that also restores the best checkpoint's prefix."""
+
+    @functools.wraps(original)
+    def _load_best_model(self, *args, **kwargs):
+        directory = getattr(self.state, "best_model_checkpoint", None)
+        model = self.model
+        if directory is None or attached_module(model) is None or not has_saved_prefix(directory):
+            return original(self, *args, **kwargs)
+        with ignored_on_save(_unwrapped(model), prefix_keys(model)):
+            result = original(self, *args, **kwargs)
+        restore_prefix(model, directory)
+        return result
+
+    setattr(_load_best_model, _HOOK_FLAG, True)
+    return _load_best_model
+
+
+def _unwrapped(model: Any) -> Any:
+    from ._saving import unwrap
+
+    return unwrap(model)
+
+
+_HOOKS = {"_load_from_checkpoint": _resume_hook, "_load_best_model": _best_model_hook}
+
+
+def install_trainer_hooks() -> bool:
+    """Make ``transformers.Trainer`` restore an attached prefix from its checkpoints (idempotent).
+
+    Wraps the Trainer's checkpoint loading (resume and ``load_best_model_at_end``):
+    after the stock code reloads the base weights, the prefix saved next to
+    them is copied into the attached :class:`PrefixEncoder`. Models without
+    an attached prefix are untouched. Called by :func:`add_prefix_tuning`.
+
+    Returns:
+        True if the hooks are installed; False if ``transformers.Trainer``
+        cannot be imported or lacks the methods (a warning says so).
+    """
+    try:
+        from transformers import trainer as trainer_module
+    except Exception as error:  # pragma: no cover - a broken optional dependency of the Trainer
+        warnings.warn(f"transformers.Trainer unavailable ({error}); prefix resume hooks not installed", RuntimeWarning)
+        return False
+    owner = trainer_module.Trainer
+    with _LOCK:
+        missing = [name for name in _HOOKS if not callable(owner.__dict__.get(name))]
+        if missing:  # pragma: no cover - a transformers release that renamed them
+            warnings.warn(
+                f"transformers.Trainer has no {', '.join(missing)}: a resumed Trainer will not restore the prefix "
+                "(call bart_prefix_patch.trainer.restore_prefix(model, checkpoint_dir) yourself)",
+                RuntimeWarning,
+            )
+            return False
+        for name, make in _HOOKS.items():
+            current = owner.__dict__[name]
+            if not getattr(current, _HOOK_FLAG, False):
+                setattr(owner, name, make(current))
+    return True
+
+
+def prepare_for_training(model: torch.nn.Module) -> None:
+    """What :func:`add_prefix_tuning` does for the Hugging Face Trainer.
+
+    * Installs :func:`install_trainer_hooks` (a resumed Trainer restores the prefix).
+    * Sets ``model.accepts_loss_kwargs = False``. BART's forward takes
+      ``**kwargs`` but computes a plain mean loss, ignoring the
+      ``num_items_in_batch`` the Trainer passes; the Trainer, which infers
+      support from the ``**kwargs``, then neither divides the loss by
+      ``gradient_accumulation_steps`` nor undoes its multiplication by the
+      number of processes (``average_tokens_across_devices``): gradients come
+      out k times too large under k-step accumulation or k data-parallel
+      ranks. Declaring a mean loss makes the Trainer scale it as for any
+      mean-loss model, so a data-parallel run matches a single process.
+    """
+    install_trainer_hooks()
+    model.accepts_loss_kwargs = False
+
+
+def load_prefix_tuned(
+    directory: Union[str, os.PathLike],
+    model_class: Optional[type] = None,
+    prefix_directory: Optional[Union[str, os.PathLike]] = None,
+    **from_pretrained_kwargs,
+) -> torch.nn.Module:
+    """``from_pretrained`` plus the prefix saved beside it, attached.
+
+    Args:
+        directory: A folder written by ``save_pretrained`` (or a Trainer checkpoint).
+        model_class: Defaults to ``BartForConditionalGeneration``.
+        prefix_directory: Where the prefix is, if not in ``directory``.
+        **from_pretrained_kwargs: Passed to ``from_pretrained``.
+
+    Returns:
+        The model (eval mode) with the prefix attached; without a saved prefix,
+        a ``PrefixError``.
+    """
+    from ._patcher import attach
+    from .io import load_prefix
+
+    if model_class is None:
+        from transformers import BartForConditionalGeneration as model_class
+    model = model_class.from_pretrained(directory, **from_pretrained_kwargs)
+    attach(model, load_prefix(prefix_directory if prefix_directory is not None else directory, model=model))
+    return model.eval()

@@ -1,0 +1,321 @@
+"""Benchmark 1: generation speed, stock vs patched vs the alternatives (ratios from one run).
+
+    python benchmarks/bench_generate.py            # bart-base dims, batch 4, source 512, 64 new tokens
+    python benchmarks/bench_generate.py --quick    # tiny dims: the CI smoke test
+    python benchmarks/bench_generate.py --part sweep   # only the source-length sweep
+
+Every row is timed in the same process as the stock baseline, in paired,
+alternating rounds; the table shows the median over rounds of the per-round
+ratio ``stock time / row time`` (relative throughput: 1.00 = stock speed). Times
+are CPU seconds of this single-threaded process, which other processes on the
+machine inflate far less than wall time (wall-time ratios are in the JSON).
+
+Rows (``generate()``, greedy and beam 4, min = max new tokens so every call
+decodes the same number of steps):
+
+* stock: unpatched transformers (``bpp.revert()``), no prefix. The baseline.
+* patched, no prefix: the package applied, no prefix (the forks are not reached).
+* patched, prefix 20 on encoder + decoder + cross (per-call ``prefix=``).
+* naive fix (BASELINE, benchmarks/_common.py): the same prefix, cross-attention
+  keys/values recomputed from the encoder on every step (what the seed's fix did).
+* PEFT 0.21.2 prefix-tuning, as shipped (patch reverted), 20 virtual tokens; and
+  PEFT through this package's PEFT integration when the package has one.
+"""
+
+from __future__ import annotations
+
+import _common as C  # noqa: I001  (first: pins torch to one thread)
+
+import json
+import statistics
+import sys
+
+import torch
+from transformers import GenerationConfig
+
+SITES = ("encoder", "decoder", "cross")
+
+
+def generation_config(num_beams: int, new_tokens: int) -> GenerationConfig:
+    # min_new_tokens = max_new_tokens: random weights would otherwise stop at a random EOS.
+    return GenerationConfig(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=num_beams, do_sample=False,
+        bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
+        forced_bos_token_id=None, forced_eos_token_id=None, no_repeat_ngram_size=0, early_stopping=False,
+    )
+
+
+def peft_model(model, prefix_length: int):
+    """A PEFT prefix-tuning model around ``model`` (shared weights), its prefix randomised (or None)."""
+    ok, _ = C.peft_status()
+    if not ok:
+        return None
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    with C.stock():  # PEFT's own set-up, without this package's PEFT integration
+        wrapped = get_peft_model(model, PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM,
+                                                           num_virtual_tokens=prefix_length))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for parameter in wrapped.prompt_encoder.parameters():
+            parameter.normal_()
+    return wrapped.eval()
+
+
+def variants(model, ids, prefix, gc, peft, include_naive=True, include_peft=True):
+    """name -> :class:`_common.Variant` running one ``generate()`` (extra kwargs go to generate)."""
+
+    def run(**kwargs):
+        with torch.no_grad():
+            return model.generate(ids, **{"generation_config": gc, **kwargs})
+
+    out = {
+        "stock, no prefix": C.Variant(run, C.stock),
+        "patched, no prefix": C.Variant(run),
+        "patched, prefix 20 (enc+dec+cross)": C.Variant(lambda **kw: run(prefix=prefix, **kw)),
+    }
+    if include_naive:
+        out["naive fix (cross k/v every step)"] = C.Variant(lambda **kw: run(prefix=prefix, **kw),
+                                                            C.naive_cross_recompute)
+    if include_peft and peft is not None:
+        def peft_run(**kwargs):
+            with torch.no_grad():
+                return peft.generate(input_ids=ids, **{"generation_config": gc, **kwargs})
+
+        out["PEFT as shipped, prefix 20"] = C.Variant(peft_run, C.peft_as_shipped)
+        if C.peft_integration_available():
+            out["PEFT + bpp integration, prefix 20"] = C.Variant(peft_run)
+    return out
+
+
+def check_outputs(fns: dict, gc) -> dict:
+    """What each row decodes, against stock and the patched prefix (one short untimed call each).
+
+    Tokens of random-weight models often coincide, so the scores of the
+    sequences are compared too: "prefix ignored" means tokens *and* scores
+    equal stock's.
+    """
+    outputs = {}
+    for name, fn in fns.items():
+        try:
+            outputs[name] = fn(generation_config=gc, return_dict_in_generate=True, output_scores=True)
+        except Exception as error:  # noqa: BLE001 - a row that cannot run is reported, not fatal
+            outputs[name] = error
+
+    def same(a, b) -> bool:
+        if not torch.equal(a.sequences, b.sequences):
+            return False
+        scores_a = torch.stack(a.scores)
+        scores_b = torch.stack(b.scores)
+        finite = torch.isfinite(scores_a) & torch.isfinite(scores_b)
+        return torch.equal(torch.isfinite(scores_a), torch.isfinite(scores_b)) and torch.allclose(
+            scores_a[finite], scores_b[finite], rtol=1e-4, atol=1e-5)
+
+    stock = outputs["stock, no prefix"]
+    prefixed = outputs["patched, prefix 20 (enc+dec+cross)"]
+    notes = {}
+    for name, value in outputs.items():
+        if isinstance(value, Exception):
+            notes[name] = f"error: {type(value).__name__}: {value}"[:200]
+        elif name == "stock, no prefix":
+            notes[name] = "baseline"
+        elif same(value, stock):
+            notes[name] = "= stock" + (" (prefix ignored)" if "prefix 20" in name else "")
+        elif not isinstance(prefixed, Exception) and same(value, prefixed):
+            notes[name] = "= patched+prefix"
+        else:
+            notes[name] = "prefix used" if "prefix" in name else "differs from stock!"
+    return notes
+
+
+def main_table(args, model, config, results):
+    ids = C.source_ids(config, args.batch, args.source)
+    prefix = C.random_prefix(config, args.prefix_length, SITES)
+    peft = peft_model(model, args.prefix_length) if not args.no_peft else None
+    rows = []
+    for mode, beams in (("greedy", 1), ("beam 4", 4)):
+        gc = generation_config(beams, args.new_tokens)
+        fns = variants(model, ids, prefix, gc, peft)
+        notes = check_outputs(fns, generation_config(beams, min(8, args.new_tokens)))
+        runnable = {name: fn for name, fn in fns.items() if not notes[name].startswith("error")}
+        naive_rounds = args.naive_rounds if beams == 1 else args.naive_rounds_beam
+        only = {"naive fix (cross k/v every step)": naive_rounds}
+        print(f"[{mode}] timing {len(runnable)} rows, {args.rounds} paired rounds", file=sys.stderr, flush=True)
+        timing = C.paired_rounds(runnable, "stock, no prefix", args.rounds, only_rounds=only)
+        results["main"][mode] = {"timing": timing, "notes": notes}
+        for name in fns:
+            if name in timing:
+                t = timing[name]
+                cpu = statistics.median(t["cpu_s"])
+                rows.append([mode, name, C.fmt(t["ratio_cpu"]), C.spread(t), C.fmt(t["ratio_cpu_best"]),
+                             C.fmt(t["ratio_wall"]), f"{cpu:.2f}", t["rounds"], notes[name]])
+            else:
+                rows.append([mode, name, "-", "-", "-", "-", "-", 0, notes[name]])
+    print(f"\nGeneration speed relative to stock transformers (1.00 = stock; higher is faster). "
+          f"batch {args.batch}, source {args.source}, {args.new_tokens} new tokens, prefix {args.prefix_length}; "
+          f"median of per-round ratios (CPU time), one process, {C.dims_note(config)}")
+    print(C.table(["decoding", "row", "speed vs stock", "min-max", "fastest/fastest", "wall ratio",
+                   "CPU s (median)", "rounds", "output (tokens + scores)"], rows))
+    if peft is None and not args.no_peft:
+        print(C.PEFT_HOWTO.replace("<script>", "bench_generate"))
+
+
+def _saved_main(args) -> dict:
+    """The main table of an earlier full run (for ``--part overhead`` alone)."""
+    if args.quick:
+        return {}
+    for name in ("generate_main.json", "generate.json"):
+        path = C.RESULTS / name
+        if path.exists():
+            return json.loads(path.read_text()).get("main", {})
+    return {}
+
+
+def overhead(args, results):
+    """The patch's own cost per generate() call, measured where it is not drowned by the arithmetic.
+
+    A *narrow* model with bart-base's structure (6+6 layers, 12 heads: the same
+    number of guarded and wrapped calls per step) but d_model 96, so a call
+    takes milliseconds and many bracketed rounds fit; the difference
+    patched - stock is the Python the patch adds per call. Divided into the
+    bart-base stock time of the main table, it predicts the ratio there.
+    """
+    dims = dict(C.BART_BASE, d_model=96, encoder_ffn_dim=384, decoder_ffn_dim=384, vocab_size=1000)
+    if args.quick:
+        dims = dict(C.TINY)
+    model = C.bart(dims)
+    config = model.config
+    source = min(args.source, 128)
+    ids = C.source_ids(config, args.batch, source)
+    prefix = C.random_prefix(config, args.prefix_length, SITES)
+    rows = []
+    results["overhead"] = {"dims": dims, "source": source}
+    for mode, beams in (("greedy", 1), ("beam 4", 4)):
+        gc = generation_config(beams, args.new_tokens)
+        fns = variants(model, ids, prefix, gc, None, include_naive=False, include_peft=False)
+        timing = C.paired_rounds(fns, "stock, no prefix", args.overhead_rounds, log=lambda line: None)
+        stock_cpu = statistics.median(timing["stock, no prefix"]["cpu_s"])
+        entry = {"timing": timing, "stock_cpu_s": stock_cpu}
+        main = results.get("main", {}).get(mode) or _saved_main(args).get(mode)
+        big = statistics.median(main["timing"]["stock, no prefix"]["cpu_s"]) if main else None
+        for name in ("patched, no prefix", "patched, prefix 20 (enc+dec+cross)"):
+            t = timing[name]
+            extra = statistics.median(t["cpu_s"]) - stock_cpu
+            extra_ms = 1000 * stock_cpu * (1 / t["ratio_cpu"] - 1)  # from the bracketed per-round ratios
+            predicted = big / (big + extra_ms / 1000) if big else None
+            entry[name] = {"extra_ms": extra_ms, "extra_ms_medians": 1000 * extra,
+                           "per_step_us": 1000 * extra_ms / args.new_tokens, "predicted_bart_base_ratio": predicted}
+            rows.append([mode, name, f"{1000 * stock_cpu:.1f}", C.fmt(t["ratio_cpu"]), C.spread(t),
+                         f"{extra_ms:+.2f}", f"{1000 * extra_ms / args.new_tokens:+.0f}",
+                         f"{predicted:.4f}" if predicted else "-"])
+        results["overhead"][mode] = entry
+    print(f"\nPatch overhead per generate() call: narrow model with bart-base structure "
+          f"({config.encoder_layers}+{config.decoder_layers} layers, {config.encoder_attention_heads} heads, d_model "
+          f"{config.d_model}), batch {args.batch}, source {source}, {args.new_tokens} new tokens, "
+          f"{args.overhead_rounds} bracketed rounds; predicted = bart-base stock time / (that + overhead)")
+    print(C.table(["decoding", "row", "stock CPU ms", "speed vs stock", "min-max", "overhead ms/call",
+                   "overhead us/step", "predicted bart-base ratio"], rows))
+
+
+def sweep(args, model, config, results):
+    lengths = [n for n in args.lengths if n <= config.max_position_embeddings]
+    prefix = C.random_prefix(config, args.prefix_length, SITES)
+    gc = generation_config(1, args.new_tokens)
+    rows = []
+    for length in lengths:
+        ids = C.source_ids(config, args.batch, length)
+        fns = variants(model, ids, prefix, gc, None, include_naive=length <= args.naive_max_length, include_peft=False)
+        print(f"[sweep] source {length}: {args.sweep_rounds} rounds", file=sys.stderr, flush=True)
+        timing = C.paired_rounds(fns, "stock, no prefix", args.sweep_rounds,
+                                 only_rounds={"naive fix (cross k/v every step)": args.naive_sweep_rounds})
+        tokens = args.batch * args.new_tokens
+        entry = {}
+        for name, t in timing.items():
+            entry[name] = {**t, "tokens_per_cpu_s": tokens / statistics.median(t["cpu_s"])}
+        results["sweep"][str(length)] = entry
+        row = [length]
+        for name in ("stock, no prefix", "patched, no prefix", "patched, prefix 20 (enc+dec+cross)",
+                     "naive fix (cross k/v every step)"):
+            if name in entry:
+                row += [f"{entry[name]['tokens_per_cpu_s']:.1f}", C.fmt(entry[name]["ratio_cpu"])]
+            else:
+                row += ["-", "-"]
+        rows.append(row)
+    print(f"\nGreedy throughput vs source length (new tokens per CPU second; ratio = vs stock). "
+          f"batch {args.batch}, {args.new_tokens} new tokens, prefix {args.prefix_length} on all sites, "
+          f"{C.dims_note(config)}")
+    print(C.table(["source", "stock tok/s", "ratio", "patched tok/s", "ratio", "patched+prefix tok/s", "ratio",
+                   "naive tok/s", "ratio"], rows))
+
+
+def profile(args, model, config, results):
+    """Top operators of one greedy generate(): stock vs patched+prefix vs naive (the 'why' of a ratio)."""
+    from torch.profiler import profile as torch_profile
+
+    ids = C.source_ids(config, args.batch, args.source)
+    prefix = C.random_prefix(config, args.prefix_length, SITES)
+    gc = generation_config(args.profile_beams, args.new_tokens)
+    fns = variants(model, ids, prefix, gc, None, include_naive=True, include_peft=False)
+    text = []
+    for name, fn in fns.items():
+        fn()
+        with torch_profile() as prof:
+            fn()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        text.append(f"== {name} (num_beams={args.profile_beams})\n{table}")
+    results["profile"] = "\n".join(text)
+    print("\n".join(text))
+
+
+def main() -> int:
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["all", "main", "overhead", "sweep"], default="all")
+    p.add_argument("--overhead-rounds", type=int, default=None, help="rounds of the overhead part (default 15; --quick 3)")
+    p.add_argument("--rounds", type=int, default=None, help="bracketed rounds (default 4; --quick 1)")
+    p.add_argument("--naive-rounds", type=int, default=None, help="rounds of the slow naive row, greedy (default 2)")
+    p.add_argument("--naive-rounds-beam", type=int, default=None, help="... beam 4 (default 1)")
+    p.add_argument("--sweep-rounds", type=int, default=None, help="rounds per sweep length (default 3; --quick 1)")
+    p.add_argument("--naive-sweep-rounds", type=int, default=1)
+    p.add_argument("--naive-max-length", type=int, default=1024, help="longest source timed for the naive row")
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="sweep lengths (default 64..1024)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--source", type=int, default=None, help="source length (default 512; --quick 64)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens (default 64; --quick 8)")
+    p.add_argument("--prefix-length", type=int, default=20)
+    p.add_argument("--no-peft", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also print an operator profile of each row")
+    p.add_argument("--profile-beams", type=int, default=1)
+    args = p.parse_args()
+    quick = args.quick
+    args.rounds = args.rounds or (1 if quick else 4)
+    args.naive_rounds = args.naive_rounds if args.naive_rounds is not None else (1 if quick else 2)
+    args.naive_rounds_beam = args.naive_rounds_beam if args.naive_rounds_beam is not None else 1
+    args.sweep_rounds = args.sweep_rounds or (1 if quick else 3)
+    args.overhead_rounds = args.overhead_rounds or (1 if quick else 15)
+    args.source = args.source or (64 if quick else 512)
+    args.new_tokens = args.new_tokens or (8 if quick else 64)
+    args.lengths = args.lengths or ([32] if quick else [64, 128, 256, 512, 1024])
+
+    model = C.bart(C.TINY if quick else C.BART_BASE)
+    config = model.config
+    results = {"settings": {k: (str(v) if not isinstance(v, (int, float, list, bool, type(None))) else v)
+                            for k, v in vars(args).items()},
+               "dims": {k: getattr(config, k) for k in C.BART_BASE}, "main": {}, "sweep": {}}
+    started = C.time.perf_counter()
+    if args.part in ("all", "main"):
+        main_table(args, model, config, results)
+    if args.part in ("all", "main", "overhead"):
+        overhead(args, results)
+    if args.part in ("all", "sweep"):
+        sweep(args, model, config, results)
+    if args.profile:
+        profile(args, model, config, results)
+    results["wall_s"] = C.time.perf_counter() - started
+    print(f"\nwall time {results['wall_s']:.0f} s")
+    name = "generate" if args.part == "all" else f"generate_{args.part}"
+    C.write_results(name, args, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Smoke test of benchmarks/: every script runs in --quick mode and prints its table.
+
+The scripts run in subprocesses (two at a time: each is single-threaded), with
+their results JSON written to a temporary directory; if matplotlib is
+installed, the plots are drawn from those files too. The numbers of --quick
+runs (tiny models, a few steps) mean nothing; only that everything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+#: script -> (results name, lines its output must contain)
+SCRIPTS = {
+    "bench_generate.py": ("generate", ["Generation speed relative to stock transformers", "| greedy",
+                                       "| beam 4", "Patch overhead per generate() call",
+                                       "Greedy throughput vs source length"]),
+    "bench_train.py": ("train", ["Training step: CPU time and peak memory", "| stock fwd+bwd (all params)",
+                                 "| prefix-tuning step", "Trainable parameters vs prefix length"]),
+    "bench_memory.py": ("memory", ["Memory of one generate()", "| greedy", "patched, prefix 20"]),
+    "bench_learning.py": ("learning", ["Exact match (%) of greedy generate()", "| full prefix (enc+dec+cross)",
+                                       "| stock behaviour (cross replaces encoder)", "| full fine-tuning"]),
+}
+
+
+def _run(script: str, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bench")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {script: pool.submit(_run, script, directory / f"{name}.json")
+                   for script, (name, _) in SCRIPTS.items()}
+        return directory, {script: future.result() for script, future in futures.items()}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_quick_mode_prints_its_table(runs, script):
+    directory, results = runs
+    done = results[script]
+    assert done.returncode == 0, f"{script} --quick failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    for expected in SCRIPTS[script][1]:
+        assert expected in done.stdout, f"{script}: {expected!r} missing from its output:\n{done.stdout}"
+    data = json.loads((directory / f"{SCRIPTS[script][0]}.json").read_text())
+    assert data["quick"] is True and data["machine"]["torch_threads"] == 1
+
+
+def test_plots_from_quick_results(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    directory, results = runs
+    if any(done.returncode for done in results.values()):
+        pytest.skip("a benchmark failed (reported by its own test)")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "plots.py"), "--results", str(directory), "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    drawn = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert drawn == sorted(["generate_speed.png", "generate_sweep.png", "learning_curves.png", "train_step.png",
+                            "memory.png"]), drawn
