@@ -1,14 +1,14 @@
 """``python -m bart_prefix_patch``: doctor, demo --quick, train + generate, error messages.
 
 The commands run in-process through ``main(argv)`` (a new interpreter costs ~10 s of imports here);
-one test runs the real ``python -m`` entry point.
+one test runs the module as ``__main__``, as ``python -m`` does.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -19,7 +19,6 @@ import bart_prefix_patch as bpp
 from bart_prefix_patch.__main__ import main
 
 WORDS = [f"w{i}" for i in range(12)] + ["ok"]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------- fixtures
@@ -89,16 +88,16 @@ def test_help_lists_every_command(capsys):
         assert command in out
 
 
-def test_module_entry_point_exit_code(tmp_path):
-    """The real ``python -m`` entry point: a user error is exit code 2 and one line on stderr."""
+def test_module_entry_point_exit_code(tmp_path, monkeypatch, capsys):
+    """``python -m bart_prefix_patch`` (run as __main__): a user error is exit code 2 and one line."""
     missing = tmp_path / "missing.jsonl"
-    done = subprocess.run(
-        [sys.executable, "-m", "bart_prefix_patch", "train", "--model", str(tmp_path), "--train", str(missing),
-         "--output", str(tmp_path / "o")],
-        cwd=ROOT, capture_output=True, text=True,
-    )
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines() == [
+    argv = ["bart_prefix_patch", "train", "--model", str(tmp_path), "--train", str(missing), "--output", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delitem(sys.modules, "bart_prefix_patch.__main__")  # runpy executes a fresh copy
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("bart_prefix_patch", run_name="__main__")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"python -m bart_prefix_patch train: error: --train {missing}: file not found"
     ]
 
