@@ -2,13 +2,19 @@
 
     python benchmarks/bench_generate.py            # bart-base dims, batch 4, source 512, 64 new tokens
     python benchmarks/bench_generate.py --quick    # tiny dims: the CI smoke test
+    python benchmarks/bench_generate.py --part main    # only the main table (+ the overhead part)
     python benchmarks/bench_generate.py --part sweep   # only the source-length sweep
+    python benchmarks/bench_generate.py --part overhead  # only the patch's per-call overhead
+    python benchmarks/bench_generate.py --part profile   # per-operator profile, stock vs prefix (beam 4)
+    python benchmarks/bench_generate.py --malloc steady  # glibc malloc thresholds pinned (see _common.steady_malloc)
 
-Every row is timed in the same process as the stock baseline, in paired,
-alternating rounds; the table shows the median over rounds of the per-round
-ratio ``stock time / row time`` (relative throughput: 1.00 = stock speed). Times
-are CPU seconds of this single-threaded process, which other processes on the
-machine inflate far less than wall time (wall-time ratios are in the JSON).
+Every row is timed in the same process as the stock baseline, in bracketed,
+alternating rounds (``stock row stock row2 stock ...``, order reversed every
+other round); the table shows the median over rounds of the per-round ratio
+``mean(stock before, stock after) / row time`` (relative throughput: 1.00 =
+stock speed), its min-max, and the ratio of the fastest runs. Times are CPU
+seconds of this single-threaded process, which other processes on the machine
+inflate far less than wall time (wall-time ratios are shown too).
 
 Rows (``generate()``, greedy and beam 4, min = max new tokens so every call
 decodes the same number of steps):
@@ -147,15 +153,16 @@ def main_table(args, model, config, results):
             if name in timing:
                 t = timing[name]
                 cpu = statistics.median(t["cpu_s"])
+                faults = statistics.median(t["page_faults"])
                 rows.append([mode, name, C.fmt(t["ratio_cpu"]), C.spread(t), C.fmt(t["ratio_cpu_best"]),
-                             C.fmt(t["ratio_wall"]), f"{cpu:.2f}", t["rounds"], notes[name]])
+                             C.fmt(t["ratio_wall"]), f"{cpu:.2f}", f"{faults / 1000:.0f}k", t["rounds"], notes[name]])
             else:
-                rows.append([mode, name, "-", "-", "-", "-", "-", 0, notes[name]])
+                rows.append([mode, name, "-", "-", "-", "-", "-", "-", 0, notes[name]])
     print(f"\nGeneration speed relative to stock transformers (1.00 = stock; higher is faster). "
           f"batch {args.batch}, source {args.source}, {args.new_tokens} new tokens, prefix {args.prefix_length}; "
           f"median of per-round ratios (CPU time), one process, {C.dims_note(config)}")
     print(C.table(["decoding", "row", "speed vs stock", "min-max", "fastest/fastest", "wall ratio",
-                   "CPU s (median)", "rounds", "output (tokens + scores)"], rows))
+                   "CPU s (median)", "page faults (median)", "rounds", "output (tokens + scores)"], rows))
     if peft is None and not args.no_peft:
         print(C.PEFT_HOWTO.replace("<script>", "bench_generate"))
 
@@ -172,49 +179,48 @@ def _saved_main(args) -> dict:
 
 
 def overhead(args, results):
-    """The patch's own cost per generate() call, measured where it is not drowned by the arithmetic.
+    """The patch's own cost per generate() call, measured where the arithmetic does not drown it.
 
-    A *narrow* model with bart-base's structure (6+6 layers, 12 heads: the same
-    number of guarded and wrapped calls per step) but d_model 96, so a call
-    takes milliseconds and many bracketed rounds fit; the difference
-    patched - stock is the Python the patch adds per call. Divided into the
-    bart-base stock time of the main table, it predicts the ratio there.
+    A *micro* model with bart-base's structure (6+6 layers, 12 heads: the same
+    number of guarded and wrapped calls per step) but d_model 24, batch 1 and a
+    source of 16 tokens, so a generate() is mostly Python and dispatch and the
+    patch's share of it is large. Noise on this machine only ever adds time,
+    so the overhead is the difference of the *fastest* runs (patched - stock)
+    over many alternating rounds. Divided into the bart-base stock time of the
+    main table, it predicts the ratio the patch alone can cost there.
     """
-    dims = dict(C.BART_BASE, d_model=96, encoder_ffn_dim=384, decoder_ffn_dim=384, vocab_size=1000)
+    dims = dict(C.BART_BASE, d_model=24, encoder_ffn_dim=24, decoder_ffn_dim=24, vocab_size=64)
     if args.quick:
         dims = dict(C.TINY)
     model = C.bart(dims)
     config = model.config
-    source = min(args.source, 128)
-    ids = C.source_ids(config, args.batch, source)
+    ids = C.source_ids(config, 1, 16)
     prefix = C.random_prefix(config, args.prefix_length, SITES)
     rows = []
-    results["overhead"] = {"dims": dims, "source": source}
+    results["overhead"] = {"dims": dims, "batch": 1, "source": 16}
     for mode, beams in (("greedy", 1), ("beam 4", 4)):
         gc = generation_config(beams, args.new_tokens)
         fns = variants(model, ids, prefix, gc, None, include_naive=False, include_peft=False)
         timing = C.paired_rounds(fns, "stock, no prefix", args.overhead_rounds, log=lambda line: None)
-        stock_cpu = statistics.median(timing["stock, no prefix"]["cpu_s"])
-        entry = {"timing": timing, "stock_cpu_s": stock_cpu}
+        fastest = min(timing["stock, no prefix"]["cpu_s"])
+        entry = {"timing": timing, "stock_fastest_cpu_s": fastest}
         main = results.get("main", {}).get(mode) or _saved_main(args).get(mode)
         big = statistics.median(main["timing"]["stock, no prefix"]["cpu_s"]) if main else None
         for name in ("patched, no prefix", "patched, prefix 20 (enc+dec+cross)"):
-            t = timing[name]
-            extra = statistics.median(t["cpu_s"]) - stock_cpu
-            extra_ms = 1000 * stock_cpu * (1 / t["ratio_cpu"] - 1)  # from the bracketed per-round ratios
-            predicted = big / (big + extra_ms / 1000) if big else None
-            entry[name] = {"extra_ms": extra_ms, "extra_ms_medians": 1000 * extra,
-                           "per_step_us": 1000 * extra_ms / args.new_tokens, "predicted_bart_base_ratio": predicted}
-            rows.append([mode, name, f"{1000 * stock_cpu:.1f}", C.fmt(t["ratio_cpu"]), C.spread(t),
-                         f"{extra_ms:+.2f}", f"{1000 * extra_ms / args.new_tokens:+.0f}",
-                         f"{predicted:.4f}" if predicted else "-"])
+            extra = min(timing[name]["cpu_s"]) - fastest
+            predicted = big / (big + extra) if big else None
+            entry[name] = {"extra_s": extra, "per_step_us": 1e6 * extra / args.new_tokens,
+                           "predicted_bart_base_ratio": predicted}
+            rows.append([mode, name, f"{1000 * fastest:.1f}", f"{1000 * min(timing[name]['cpu_s']):.1f}",
+                         f"{1000 * extra:+.1f}", f"{1e6 * extra / args.new_tokens:+.0f}",
+                         f"{big:.2f}" if big else "-", f"{predicted:.4f}" if predicted else "-"])
         results["overhead"][mode] = entry
-    print(f"\nPatch overhead per generate() call: narrow model with bart-base structure "
-          f"({config.encoder_layers}+{config.decoder_layers} layers, {config.encoder_attention_heads} heads, d_model "
-          f"{config.d_model}), batch {args.batch}, source {source}, {args.new_tokens} new tokens, "
-          f"{args.overhead_rounds} bracketed rounds; predicted = bart-base stock time / (that + overhead)")
-    print(C.table(["decoding", "row", "stock CPU ms", "speed vs stock", "min-max", "overhead ms/call",
-                   "overhead us/step", "predicted bart-base ratio"], rows))
+    print(f"\nPatch overhead per generate() call: micro model with bart-base structure "
+          f"({config.encoder_layers}+{config.decoder_layers} layers, {config.encoder_attention_heads} heads, "
+          f"d_model {config.d_model}), batch 1, source 16, {args.new_tokens} new tokens; fastest of "
+          f"{args.overhead_rounds} alternating rounds; predicted = bart-base stock CPU s / (that + overhead)")
+    print(C.table(["decoding", "row", "stock ms (fastest)", "row ms (fastest)", "overhead ms/call",
+                   "overhead us/step", "bart-base stock s", "predicted bart-base ratio"], rows))
 
 
 def sweep(args, model, config, results):
@@ -249,28 +255,54 @@ def sweep(args, model, config, results):
 
 
 def profile(args, model, config, results):
-    """Top operators of one greedy generate(): stock vs patched+prefix vs naive (the 'why' of a ratio)."""
+    """Where the time of a prefix goes: per-operator CPU time, stock vs patched (+prefix), same generate().
+
+    ``--profile`` (with ``--profile-beams``): ``--profile-rounds`` alternating
+    profiled calls of each row; the median self-CPU time per operator, and the
+    difference to stock. The naive row is left out (its cost is the k/v linear
+    layers, obvious from its table row).
+    """
     from torch.profiler import profile as torch_profile
 
     ids = C.source_ids(config, args.batch, args.source)
     prefix = C.random_prefix(config, args.prefix_length, SITES)
     gc = generation_config(args.profile_beams, args.new_tokens)
-    fns = variants(model, ids, prefix, gc, None, include_naive=True, include_peft=False)
-    text = []
-    for name, fn in fns.items():
-        fn()
-        with torch_profile() as prof:
-            fn()
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
-        text.append(f"== {name} (num_beams={args.profile_beams})\n{table}")
-    results["profile"] = "\n".join(text)
-    print("\n".join(text))
+    fns = variants(model, ids, prefix, gc, None, include_naive=False, include_peft=False)
+    per_op: dict = {name: {} for name in fns}
+    calls: dict = {}
+    for name in fns:
+        fns[name]()  # warm-up
+    for r in range(args.profile_rounds):
+        for name in (fns if r % 2 == 0 else reversed(list(fns))):
+            with fns[name].context(), torch_profile() as prof:
+                fns[name].fn()
+            events = prof.key_averages()
+            for event in events:
+                per_op[name].setdefault(event.key, []).append(event.self_cpu_time_total / 1e6)
+                calls[(name, event.key)] = event.count
+            per_op[name].setdefault("TOTAL", []).append(sum(e.self_cpu_time_total for e in events) / 1e6)
+    median = {name: {op: statistics.median(v) for op, v in ops.items()} for name, ops in per_op.items()}
+    stock, prefixed = median["stock, no prefix"], median["patched, prefix 20 (enc+dec+cross)"]
+    ops = sorted(set(stock) | set(prefixed), key=lambda op: -abs(prefixed.get(op, 0) - stock.get(op, 0)))
+    ops = ["TOTAL"] + [op for op in ops if op != "TOTAL"][:12]
+    rows = []
+    for op in ops:
+        a, b = stock.get(op, 0.0), prefixed.get(op, 0.0)
+        c = median["patched, no prefix"].get(op, 0.0)
+        rows.append([op, f"{a:.3f}", calls.get(("stock, no prefix", op), "-"), f"{c:.3f}", f"{b:.3f}",
+                     calls.get(("patched, prefix 20 (enc+dec+cross)", op), "-"), f"{b - a:+.3f}"])
+    results["profile"] = {"beams": args.profile_beams, "rounds": args.profile_rounds, "median_self_cpu_s": median}
+    print(f"\nProfile (num_beams={args.profile_beams}, batch {args.batch}, source {args.source}, {args.new_tokens} "
+          f"new tokens): median self-CPU seconds per operator over {args.profile_rounds} profiled calls; the "
+          f"operators whose time differs most between stock and patched+prefix")
+    print(C.table(["operator", "stock s", "calls", "patched s", "patched+prefix s", "calls", "prefix - stock s"],
+                  rows))
 
 
 def main() -> int:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["all", "main", "overhead", "sweep"], default="all")
-    p.add_argument("--overhead-rounds", type=int, default=None, help="rounds of the overhead part (default 15; --quick 3)")
+    p.add_argument("--part", choices=["all", "main", "overhead", "sweep", "profile"], default="all")
+    p.add_argument("--overhead-rounds", type=int, default=None, help="rounds of the overhead part (default 20; --quick 1)")
     p.add_argument("--rounds", type=int, default=None, help="bracketed rounds (default 4; --quick 1)")
     p.add_argument("--naive-rounds", type=int, default=None, help="rounds of the slow naive row, greedy (default 2)")
     p.add_argument("--naive-rounds-beam", type=int, default=None, help="... beam 4 (default 1)")
@@ -284,14 +316,20 @@ def main() -> int:
     p.add_argument("--prefix-length", type=int, default=20)
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--profile", action="store_true", help="also print an operator profile of each row")
-    p.add_argument("--profile-beams", type=int, default=1)
+    p.add_argument("--profile-beams", type=int, default=4)
+    p.add_argument("--profile-rounds", type=int, default=3)
+    p.add_argument("--malloc", choices=["default", "steady"], default="default",
+                   help="steady: pin glibc malloc's thresholds (see _common.steady_malloc); default: as users run")
     args = p.parse_args()
+    if args.malloc == "steady" and not C.steady_malloc():
+        print("--malloc steady: mallopt() unavailable (not glibc?)", file=sys.stderr)
+        return 2
     quick = args.quick
     args.rounds = args.rounds or (1 if quick else 4)
     args.naive_rounds = args.naive_rounds if args.naive_rounds is not None else (1 if quick else 2)
     args.naive_rounds_beam = args.naive_rounds_beam if args.naive_rounds_beam is not None else 1
     args.sweep_rounds = args.sweep_rounds or (1 if quick else 3)
-    args.overhead_rounds = args.overhead_rounds or (1 if quick else 15)
+    args.overhead_rounds = args.overhead_rounds or (1 if quick else 20)
     args.source = args.source or (64 if quick else 512)
     args.new_tokens = args.new_tokens or (8 if quick else 64)
     args.lengths = args.lengths or ([32] if quick else [64, 128, 256, 512, 1024])
@@ -308,11 +346,13 @@ def main() -> int:
         overhead(args, results)
     if args.part in ("all", "sweep"):
         sweep(args, model, config, results)
-    if args.profile:
+    if args.profile or args.part == "profile":
         profile(args, model, config, results)
     results["wall_s"] = C.time.perf_counter() - started
     print(f"\nwall time {results['wall_s']:.0f} s")
     name = "generate" if args.part == "all" else f"generate_{args.part}"
+    if args.malloc == "steady":
+        name += "_steady"
     C.write_results(name, args, results)
     return 0
 

@@ -1,6 +1,6 @@
 """Benchmark 3: do the prefixes learn? Prefix-tuning a frozen, locally pretrained BART on unseen tasks.
 
-    python benchmarks/bench_learning.py            # full: 3 tasks x 3 seeds x 7 rows (~15-20 min)
+    python benchmarks/bench_learning.py            # full: 3 tasks x 3 seeds x 7 rows (~15 min, one core)
     python benchmarks/bench_learning.py --quick    # CI smoke test (tiny model, a few steps)
 
 A small BART is pretrained here by denoising a synthetic language
@@ -146,9 +146,9 @@ class Settings:
     def __init__(self, quick: bool, args):
         self.sizes = L.QUICK_SIZES if quick else L.Sizes(d_model=64, layers=2, heads=4, ffn=128,
                                                         pretrain_steps=1500, pretrain_lr=3e-3)
-        self.steps = args.steps or (12 if quick else 300)
+        self.steps = args.steps or (12 if quick else 1000)
         self.batch = 32
-        self.eval_every = args.eval_every or (6 if quick else 50)
+        self.eval_every = args.eval_every or (6 if quick else 100)
         self.eval_size = 32 if quick else 256
         self.prefix_length = args.prefix_length
         self.hidden_size = 128 if not quick else 32
@@ -168,6 +168,7 @@ def train_one(kind, base, settings, task_name, task, seed, log) -> dict:
     losses = []
     started = time.perf_counter()
     with run.context():
+        curve.append({"step": 0, "loss": None, **run.evaluate(eval_sources, eval_batch, eval_targets)})
         for step in range(1, settings.steps + 1):
             _, batch = L.task_batch(rng, task, settings.sizes, settings.batch)
             losses.append(run.step(batch))
@@ -183,12 +184,12 @@ def train_one(kind, base, settings, task_name, task, seed, log) -> dict:
 
 def main() -> int:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 300; --quick 12)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 1000; --quick 12)")
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--seeds", type=int, default=None, help="seeds per (task, row) (default 3; --quick 1)")
     p.add_argument("--tasks", nargs="+", default=None, choices=["reverse", "sort", "map"])
     p.add_argument("--rows", nargs="+", default=None, help="subset of rows (names as in the table, or indices)")
-    p.add_argument("--prefix-length", type=int, default=16)
+    p.add_argument("--prefix-length", type=int, default=8)
     p.add_argument("--prefix-lr", type=float, default=1e-2)
     p.add_argument("--full-lr", type=float, default=1e-3)
     p.add_argument("--pretrained", default=None, help="load/save the pretrained model state here (saves time)")

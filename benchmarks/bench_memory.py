@@ -148,7 +148,7 @@ def run_isolated(row: str, beams: int, args) -> dict:
                str(args.source), "--new-tokens", str(args.new_tokens), "--prefix-length", str(args.prefix_length)]
     if args.quick:
         command.append("--quick")
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=C.child_env())
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -3,10 +3,11 @@
     python benchmarks/bench_train.py            # bart-base dims, batch 4, source 512, target 64
     python benchmarks/bench_train.py --quick    # tiny dims: the CI smoke test
 
-Part 1, time: every row in one process, paired alternating rounds with the
-baseline *stock forward+backward* (unpatched transformers, ``bpp.revert()``,
-every parameter trainable, no optimizer); the table shows the median of the
-per-round ratios ``row CPU time / stock fwd+bwd CPU time`` (lower is faster).
+Part 1, time: every row in one process, in bracketed alternating rounds with
+the baseline *stock forward+backward* (unpatched transformers, ``bpp.revert()``,
+every parameter trainable, no optimizer): ``stock row stock row2 stock ...``;
+the table shows the median of the per-round ratios ``row CPU time / mean(stock
+before, stock after)`` (lower is faster).
 
 * stock fwd+bwd: the baseline. patched fwd+bwd, no prefix: the package applied.
 * stock full fine-tuning step: fwd + bwd + AdamW over all parameters.
@@ -178,7 +179,7 @@ def memory(args) -> dict:
                        str(args.source), "--target", str(args.target), "--prefix-length", str(args.prefix_length)]
             if args.quick:
                 command.append("--quick")
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            done = subprocess.run(command, capture_output=True, text=True, check=False, env=C.child_env())
             if done.returncode:
                 runs.append({"error": (done.stderr.strip().splitlines() or ["?"])[-1]})
             else:
@@ -221,7 +222,7 @@ def trainable_table(args) -> tuple[list, list]:
 
 def main() -> int:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=None, help="paired rounds (default 5; --quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="bracketed rounds (default 3; --quick 1)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--source", type=int, default=None, help="default 512; --quick 32")
     p.add_argument("--target", type=int, default=None, help="default 64; --quick 8")
@@ -232,7 +233,7 @@ def main() -> int:
     args = p.parse_args()
     args.source = args.source or (32 if args.quick else 512)
     args.target = args.target or (8 if args.quick else 64)
-    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     args.memory_repeats = args.memory_repeats or (1 if args.quick else 2)
     if args.child:
         return memory_child(args)

@@ -71,11 +71,11 @@ def plot_sweep(plt, data, out: Path) -> Path:
     return path
 
 
-def plot_main(plt, data, out: Path) -> Path:
+def plot_main(plt, data, out: Path, filename: str = "generate_speed") -> Path:
     main = data["main"]
     modes = list(main)
     names = [n for n in COLORS if any(n in main[m]["timing"] for m in modes)]
-    fig, axis = plt.subplots(figsize=(9, 4))
+    fig, axis = plt.subplots(figsize=(9, 4.6))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         xs, ys, lo, hi = [], [], [], []
@@ -94,12 +94,13 @@ def plot_main(plt, data, out: Path) -> Path:
     axis.set_xticks(range(len(modes)), modes)
     axis.set_ylabel("speed vs stock (median of paired rounds)")
     settings = data["settings"]
+    allocator = "malloc pinned" if settings.get("malloc") == "steady" else "default glibc malloc"
     axis.set_title(f"generate(): bart-base dims, batch {settings['batch']}, source {settings['source']}, "
-                   f"{settings['new_tokens']} new tokens", fontsize=10)
-    axis.legend(fontsize=7, loc="upper right")
-    axis.set_ylim(0, 1.25)
+                   f"{settings['new_tokens']} new tokens, {allocator}", fontsize=10)
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
+    axis.set_ylim(0, 1.2)
     fig.tight_layout()
-    path = out / "generate_speed.png"
+    path = out / f"{filename}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -134,8 +135,10 @@ def plot_learning(plt, data, out: Path) -> Path:
     axes[0][0].set_ylabel("exact match of generate() (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
-    fig.suptitle(f"Prefix-tuning a frozen BART pretrained by denoising (mean of {len(seeds)} seeds, band = min-max)",
-                 fontsize=10)
+    title = f"Prefix-tuning a frozen BART pretrained by denoising (mean of {len(seeds)} seeds, band = min-max)"
+    if "chosen_lr" in data:
+        title += "; each row at its best prefix learning rate"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     path = out / "learning_curves.png"
     fig.savefig(path, dpi=110)
@@ -221,10 +224,19 @@ def main() -> int:
     generate = first(args.results, "generate", "generate_main")
     if generate and generate.get("main"):
         drawn.append(plot_main(plt, generate, args.out))
+    steady = load(args.results, "generate_main_steady")
+    if steady and steady.get("main"):
+        drawn.append(plot_main(plt, steady, args.out, "generate_speed_steady"))
     sweep = first(args.results, "generate", "generate_sweep")
     if sweep and sweep.get("sweep"):
         drawn.append(plot_sweep(plt, sweep, args.out))
-    for name, draw in (("learning", plot_learning), ("train", plot_train), ("memory", plot_memory)):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from learning_grid import best_of_grid, load_grid
+
+    grid = load_grid(args.results)
+    if grid:  # each row at its best prefix learning rate (benchmarks/learning_grid.py)
+        drawn.append(plot_learning(plt, best_of_grid(grid), args.out))
+    for name, draw in (("train", plot_train), ("memory", plot_memory)):
         data = load(args.results, name)
         if data:
             drawn.append(draw(plt, data, args.out))
