@@ -15,6 +15,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # run as a script from anywhere
+
+from learning_grid import best_of_grid, load_grid  # noqa: E402
+
 COLORS = {
     "stock, no prefix": "#444444",
     "patched, no prefix": "#1f77b4",
@@ -230,9 +234,6 @@ def main() -> int:
     sweep = first(args.results, "generate", "generate_sweep")
     if sweep and sweep.get("sweep"):
         drawn.append(plot_sweep(plt, sweep, args.out))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from learning_grid import best_of_grid, load_grid
-
     grid = load_grid(args.results)
     if grid:  # each row at its best prefix learning rate (benchmarks/learning_grid.py)
         drawn.append(plot_learning(plt, best_of_grid(grid), args.out))
