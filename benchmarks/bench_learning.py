@@ -39,6 +39,7 @@ import time
 import torch
 
 import _learning as L
+from learning_grid import percent_cell, seed_values
 
 bpp = C.bpp
 
@@ -239,11 +240,7 @@ def main() -> int:
 
     # 3. Tables.
     def cell(task_name, name, key):
-        values = [results["runs"][f"{task_name}|{name}|{s}"]["final"][key] for s in settings.seeds]
-        mean = 100 * statistics.mean(values)
-        if len(values) == 1:
-            return f"{mean:.1f}"
-        return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+        return percent_cell(seed_values(results, task_name, name, key))
 
     table_rows = []
     for name in rows:

@@ -30,7 +30,8 @@ def load_grid(results: Path = RESULTS) -> list[dict]:
     return [json.loads((results / name).read_text()) for name in FILES if (results / name).exists()]
 
 
-def _values(data: dict, task: str, row: str, key: str = "exact") -> list[float]:
+def seed_values(data: dict, task: str, row: str, key: str = "exact") -> list[float]:
+    """The final ``key`` (exact / teacher_forced) of every seed of one (task, row) in a results dict."""
     return [data["runs"][f"{task}|{row}|{s}"]["final"][key] for s in data["settings"]["seeds"]
             if f"{task}|{row}|{s}" in data["runs"]]
 
@@ -50,7 +51,7 @@ def best_of_grid(grid: list[dict]) -> dict:
     merged = {**base, "runs": {}, "chosen_lr": {}}
     for task in base["settings"]["tasks"]:
         for row in rows_of(base):
-            candidates = [(statistics.mean(_values(d, task, row)), d) for d in grid if _values(d, task, row)]
+            candidates = [(statistics.mean(seed_values(d, task, row)), d) for d in grid if seed_values(d, task, row)]
             _, best = max(candidates, key=lambda c: c[0])  # ties: the earlier file (default lr)
             lr = "own" if row == "full fine-tuning" else best["settings"]["prefix_lr"]
             merged["chosen_lr"][f"{task}|{row}"] = lr
@@ -59,7 +60,8 @@ def best_of_grid(grid: list[dict]) -> dict:
     return merged
 
 
-def _cell(values: list[float]) -> str:
+def percent_cell(values: list[float]) -> str:
+    """``mean ± std`` in percent (just the mean for one seed), as the learning tables print it."""
     mean = 100 * statistics.mean(values)
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
 
@@ -80,7 +82,7 @@ def main() -> int:
         for task in tasks:
             lr = best["chosen_lr"][f"{task}|{row}"]
             note = "" if lr == "own" else f" (lr {lr:g})"
-            cells.append(_cell(_values(best, task, row)) + note)
+            cells.append(percent_cell(seed_values(best, task, row)) + note)
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     print("Exact match (%) of generate(), mean ± std over seeds, each row at its best prefix learning rate")
     print("\n".join(lines))
@@ -93,7 +95,7 @@ def main() -> int:
         cells = []
         for task in tasks:
             for data in grid:
-                values = _values(data, task, row)
+                values = seed_values(data, task, row)
                 cells.append(f"{100 * statistics.mean(values):.1f}" if values else "-")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     print("\nThe grid: mean exact match (%) per prefix learning rate")

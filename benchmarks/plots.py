@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # run as a script from anywhere
 
-from learning_grid import best_of_grid, load_grid  # noqa: E402
+from learning_grid import best_of_grid, load_grid, rows_of  # noqa: E402
 
 COLORS = {
     "stock, no prefix": "#444444",
@@ -113,11 +113,7 @@ def plot_main(plt, data, out: Path, filename: str = "generate_speed") -> Path:
 def plot_learning(plt, data, out: Path) -> Path:
     settings = data["settings"]
     tasks, seeds = settings["tasks"], settings["seeds"]
-    names = []
-    for key in data["runs"]:
-        name = key.split("|")[1]
-        if name not in names:
-            names.append(name)
+    names = rows_of(data)
     palette = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
     for axis, task in zip(axes[0], tasks):
