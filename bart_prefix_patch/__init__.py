@@ -9,9 +9,16 @@ Example:
     >>> import bart_prefix_patch as bpp
     >>> logits = model(input_ids, decoder_input_ids=ids, prefix=bpp.Prefix(decoder=pairs)).logits
     >>> tokens = model.generate(input_ids, prefix=prefix, num_beams=4)
+
+This module wires the layers together (docs/how-it-works.md): it imports
+the integrations, which register their hooks with the patcher, and then
+applies the patch.
 """
 
-from ._patcher import apply, attach, attached, detach, gate, get_original, is_applied, revert
+from ._attach import attach, attached, detach
+from ._patcher import apply, gate, get_original, is_applied, revert
+from ._version import __version__
+from .encoder import PrefixEncoder
 from .errors import (
     BartPrefixPatchError,
     PatchNotAppliedError,
@@ -19,13 +26,13 @@ from .errors import (
     UnsupportedConfigurationError,
     UnsupportedTransformersError,
 )
-from .encoder import PrefixEncoder
 from .io import load_prefix, save_prefix
-from ._peft import PeftIntegrationWarning, peft_prefix, peft_semantics, set_peft_semantics
 from .prefix import Prefix
 from .tuning import add_prefix_tuning, trainable_parameters
 
-__version__ = "0.1.0"
+# Integrations: importing them registers their apply/revert hooks.
+from . import _saving, trainer  # noqa: E402,F401  (isort: skip)
+from ._peft import PeftIntegrationWarning, peft_prefix, peft_semantics, set_peft_semantics  # noqa: E402
 
 __all__ = [
     "Prefix",

@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ._architectures import ARCHITECTURES
+from ._constants import SITES
+
 RUN_INFO = "prefix_training.json"
-SITES = ("encoder", "decoder", "cross")
 
 
 class CLIError(Exception):
@@ -68,10 +70,10 @@ def load_model_and_tokenizer(directory: str, device: str):
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    if getattr(config, "model_type", None) != "bart":
+    if getattr(config, "model_type", None) not in ARCHITECTURES:
         raise CLIError(
             f"--model {directory}: model_type {getattr(config, 'model_type', None)!r} is not supported "
-            "(bart_prefix_patch patches BART: BartForConditionalGeneration checkpoints)"
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
         )
     weights = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
     if not weights:

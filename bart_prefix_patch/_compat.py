@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any, Callable, Optional
 
 from . import _fingerprint
+from ._architectures import fingerprinted
 
 TABLE_PATH = Path(__file__).with_name("_fingerprint_table.json")
 
@@ -73,7 +74,7 @@ def check(original: Optional[Callable[[str, str], Any]] = None) -> GateResult:
 
     version = transformers.__version__
     table = load_table()
-    installed = _fingerprint.installed_fingerprints(original)
+    installed = _fingerprint.installed_fingerprints(fingerprinted(), original)
     relevant = {key: installed.get(key, "missing") for key in table["keys"]}
     matches = [set_id for set_id, entry in table["sets"].items() if entry["fingerprints"] == relevant]
     if not matches:

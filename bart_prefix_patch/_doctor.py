@@ -19,7 +19,10 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _patcher
+from . import _patcher, _registry
+from ._peft import is_installed as peft_installed, wanted as peft_wanted
+from ._version import __version__
+from .prefix import Prefix
 
 
 def _load_reference() -> Optional[object]:
@@ -48,8 +51,6 @@ def _tiny(attn_implementation: str, seed: int = 0):
 
 
 def _prefix(config, scale: float = 2.0):
-    from .prefix import Prefix
-
     generator = torch.Generator().manual_seed(0)
 
     def pairs(layers, heads, length):
@@ -127,8 +128,6 @@ def doctor() -> int:
     """Print the environment and run the self-check; 0 only if all passes."""
     import transformers
 
-    from . import __version__
-
     gate = _patcher.gate()
     print(f"bart_prefix_patch {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
@@ -137,6 +136,7 @@ def doctor() -> int:
         return 1
     print(f"patch: applied={_patcher.is_applied()}, family {gate.family}, fork {gate.fork.__name__}")
     print(f"fingerprints: all known (identical to transformers {gate.release})")
+    _print_patches()
     reference = _load_reference()
     if reference is None:
         print("reference: tests/reference.py not found (not a source checkout): invariant checks only")
@@ -151,3 +151,19 @@ def doctor() -> int:
         print(f"  [{'PASS' if problem is None else 'FAIL'}] {name}" + (f": {problem}" if problem else ""))
     print(f"self-check: {'all passed' if not failures else f'{failures} failed'} ({time.perf_counter() - start:.1f} s)")
     return 0 if not failures else 1
+
+
+def _print_patches() -> None:
+    """What is installed now, grouped by owner, and the PEFT integration's state."""
+    by_owner: dict[str, list[str]] = {}
+    for patch in _registry.installed():
+        by_owner.setdefault(patch.owner, []).append(f"{patch.target.__name__}.{patch.attr}")
+    print(f"installed patches ({sum(map(len, by_owner.values()))}):")
+    for owner, names in by_owner.items():
+        print(f"  {owner} ({len(names)}): {', '.join(names)}")
+    peft = sys.modules.get("peft")
+    if peft is None:
+        state = "peft not imported (installed on `import peft`)" if peft_wanted() else "off"
+    else:
+        state = f"peft {getattr(peft, '__version__', '?')}: {'installed' if peft_installed() else 'not installed'}"
+    print(f"PEFT integration: {state if peft_wanted() else 'off (apply(peft=False) or BART_PREFIX_PATCH_PEFT=0)'}")

@@ -6,6 +6,8 @@ against. A fingerprint is a hash of that code's AST with docstrings removed
 not matter but any change to the logic does. The same function hashes the
 source of an installed release (at import) and of a downloaded wheel (in
 ``tools/gen_fingerprints.py``), which is what makes the two comparable.
+
+Standard library only: ``tools/gen_fingerprints.py`` loads this file by path.
 """
 
 from __future__ import annotations
@@ -18,47 +20,6 @@ import inspect
 import textwrap
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-#: What the version gate fingerprints: module -> qualified names inside it.
-#: Every function a fork replaces, and every upstream function whose exact
-#: behaviour the forks rely on (positions, masks, cache update/reorder, beam
-#: expansion, generate's kwargs handling).
-FINGERPRINTED: dict[str, tuple[str, ...]] = {
-    "transformers.models.bart.modeling_bart": (
-        "BartAttention.forward",
-        "BartSdpaAttention.forward",
-        "BartFlashAttention2.forward",
-        "BartEncoderLayer.forward",
-        "BartDecoderLayer.forward",
-        "BartEncoder.forward",
-        "BartDecoder.forward",
-        "BartModel.forward",
-        "BartForConditionalGeneration.forward",
-        "BartLearnedPositionalEmbedding.forward",
-    ),
-    "transformers.cache_utils": (
-        "EncoderDecoderCache.reorder_cache",
-        "EncoderDecoderCache.get_seq_length",
-        "DynamicLayer.update",
-    ),
-    "transformers.generation.utils": (
-        "GenerationMixin._expand_inputs_for_generation",
-        "GenerationMixin._prepare_encoder_decoder_kwargs_for_generation",
-        "GenerationMixin._prepare_text_encoder_decoder_kwargs_for_generation",
-        "GenerationMixin._validate_model_kwargs",
-    ),
-    "transformers.masking_utils": (
-        "create_causal_mask",
-        "create_bidirectional_mask",
-    ),
-    "transformers.modeling_attn_mask_utils": (
-        "_prepare_4d_causal_attention_mask",
-        "_prepare_4d_causal_attention_mask_for_sdpa",
-        "_prepare_4d_attention_mask",
-        "_prepare_4d_attention_mask_for_sdpa",
-    ),
-    "transformers.integrations.sdpa_attention": ("sdpa_attention_forward",),
-}
 
 _MISSING = "missing"
 
@@ -158,16 +119,19 @@ def resolve(module_name: str, qualname: str) -> Optional[Any]:
     return obj
 
 
-def installed_fingerprints(original: Optional[Callable[[str, str], Any]] = None) -> dict[str, str]:
-    """Fingerprints of every :data:`FINGERPRINTED` function as it runs now.
+def installed_fingerprints(
+    targets: dict[str, tuple[str, ...]], original: Optional[Callable[[str, str], Any]] = None
+) -> dict[str, str]:
+    """Fingerprints of the ``targets`` functions as they run now.
 
     Args:
+        targets: Module -> qualified names (``_architectures.fingerprinted()``).
         original: Optional ``(module, qualname) -> object`` lookup that returns
             the saved original where this package has wrapped the attribute, so
             that the gate hashes upstream code and never its own wrappers.
     """
     result = {}
-    for module_name, names in FINGERPRINTED.items():
+    for module_name, names in targets.items():
         for name in names:
             obj = original(module_name, name) if original else None
             if obj is None:

@@ -17,6 +17,7 @@ Trainer hooks in :mod:`bart_prefix_patch.trainer` call it when resuming).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import warnings
@@ -25,7 +26,15 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-ATTACHED_NAME = "bpp_prefix"  # the same name as _patcher.ATTACHED_NAME (not imported: no cycle)
+from . import _patcher, _registry
+from ._architectures import ARCHITECTURES
+from ._constants import ATTACHED_NAME
+from ._guards import method_wrapper
+from ._models import modeling_module
+from .encoder import PrefixEncoder
+from .errors import PrefixError
+from .io import CONFIG_NAME, WEIGHTS_NAME, save_prefix
+
 _IGNORE_ATTR = "_keys_to_ignore_on_save"
 
 
@@ -85,8 +94,6 @@ class ignored_on_save:
 def _argument(wrapped: Callable, args: tuple, kwargs: dict, name: str, default: Any) -> Any:
     if name in kwargs:
         return kwargs[name]
-    import inspect
-
     try:
         names = [p for p in inspect.signature(wrapped).parameters]
     except (TypeError, ValueError):
@@ -113,9 +120,6 @@ def entry_save_pretrained(wrapped: Callable, instance: Any, args: tuple, kwargs:
         return result
     if os.path.isfile(directory):
         return result  # save_pretrained logged the error and wrote nothing
-    from .encoder import PrefixEncoder
-    from .io import save_prefix
-
     if isinstance(module, PrefixEncoder):
         save_prefix(module, directory)
     else:
@@ -130,8 +134,6 @@ def entry_save_pretrained(wrapped: Callable, instance: Any, args: tuple, kwargs:
 
 def has_saved_prefix(directory: Union[str, os.PathLike]) -> bool:
     """Whether ``directory`` holds a prefix written by :func:`save_prefix`."""
-    from .io import CONFIG_NAME, WEIGHTS_NAME
-
     path = Path(directory)
     return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
 
@@ -150,10 +152,6 @@ def restore_prefix(model: torch.nn.Module, directory: Union[str, os.PathLike]) -
         PrefixError: The saved prefix has another shape (model dimensions,
             sites, lengths or MLP width) than the attached one.
     """
-    from .encoder import PrefixEncoder
-    from .errors import PrefixError
-    from .io import CONFIG_NAME, WEIGHTS_NAME
-
     module = attached_module(model)
     if not isinstance(module, PrefixEncoder) or not has_saved_prefix(directory):
         return False
@@ -171,14 +169,11 @@ def restore_prefix(model: torch.nn.Module, directory: Union[str, os.PathLike]) -
     return True
 
 
-def _on_trainer_import(_module: Any) -> None:
-    from .trainer import install_trainer_hooks
+def _install_save_guards(applied: bool, options: dict) -> None:
+    """Guard ``save_pretrained`` of every supported family (permanent, like the entry guards)."""
+    for row in ARCHITECTURES.values():
+        base = getattr(modeling_module(row), row.pretrained_class)
+        _registry.install("saving", base, "save_pretrained", method_wrapper(entry_save_pretrained), permanent=True)
 
-    install_trainer_hooks()
 
-
-# Whenever transformers.trainer is imported (now, if it already is), its checkpoint loading learns to
-# restore an attached prefix; models without one are untouched (bart_prefix_patch.trainer).
-import wrapt  # noqa: E402
-
-wrapt.register_post_import_hook(_on_trainer_import, "transformers.trainer")
+_patcher.register_integration("saving", on_apply=_install_save_guards)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import threading
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -22,6 +23,15 @@ from .errors import PrefixError
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
 _ACTIVE: contextvars.ContextVar[Optional["PrefixState"]] = contextvars.ContextVar("bart_prefix_state", default=None)
+
+# Whether a prefixed call is in flight in this process, any thread. torch.compile cannot trace a
+# ContextVar read (a graph break in every wrapper), but it traces and guards on a module global:
+# compiled code reads this flag, runs the upstream code while it is False, and only otherwise
+# leaves the graph to look the state up. A bool (not the count) so that the guard changes, and
+# the code recompiles, only when the first call starts or the last one ends.
+_ANY_IN_FLIGHT = False
+_IN_FLIGHT = 0
+_IN_FLIGHT_LOCK = threading.Lock()
 
 
 class PrefixState:
@@ -108,12 +118,29 @@ def active_state() -> Optional[PrefixState]:
     return _ACTIVE.get()
 
 
+def prefixed_call_in_flight() -> bool:
+    """Whether a prefixed call is running now in any thread (readable inside ``torch.compile``)."""
+    return _ANY_IN_FLIGHT
+
+
+def _count(delta: int) -> None:
+    global _IN_FLIGHT, _ANY_IN_FLIGHT
+    with _IN_FLIGHT_LOCK:
+        _IN_FLIGHT += delta
+        _ANY_IN_FLIGHT = _IN_FLIGHT > 0
+
+
 def run_with_state(state: Optional[PrefixState], fn: Callable, *args, **kwargs):
     """Call ``fn`` with ``state`` published, restoring the previous one after."""
     token = _ACTIVE.set(state)
+    counted = state is not None
+    if counted:
+        _count(1)
     try:
         return fn(*args, **kwargs)
     finally:
+        if counted:
+            _count(-1)
         _ACTIVE.reset(token)
 
 

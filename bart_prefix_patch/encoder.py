@@ -8,17 +8,12 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ._constants import SITES
+from ._models import core_of, model_dims, site_shape as _site_shape
 from .errors import PrefixError
-from .prefix import SITES, Prefix
+from .prefix import Prefix
 
 PrefixLength = Union[int, Mapping[str, int]]
-
-
-def _site_shape(config, site: str) -> tuple[int, int]:
-    """(layers, heads) of the stack a site belongs to."""
-    if site == "encoder":
-        return config.encoder_layers, config.encoder_attention_heads
-    return config.decoder_layers, config.decoder_attention_heads
 
 
 class _SitePrefix(nn.Module):
@@ -87,13 +82,7 @@ class PrefixEncoder(nn.Module):
         missing = [site for site in sites if site not in lengths]
         if missing or any(not isinstance(lengths[s], int) or lengths[s] < 1 for s in sites):
             raise PrefixError(f"prefix_length: expected a positive int per site {sites}, got {prefix_length!r}")
-        self.dims = {
-            "d_model": config.d_model,
-            "encoder_layers": config.encoder_layers,
-            "decoder_layers": config.decoder_layers,
-            "encoder_attention_heads": config.encoder_attention_heads,
-            "decoder_attention_heads": config.decoder_attention_heads,
-        }
+        self.dims = model_dims(config)
         self.config = config
         self.sites = sites
         self.prefix_lengths = {site: lengths[site] for site in sites}
@@ -160,9 +149,7 @@ class PrefixEncoder(nn.Module):
             sites: Sites to initialise.
             dropout: Dropout of the returned encoder.
         """
-        from ._patcher import _core_of  # local: the patcher imports this package lazily
-
-        core = _core_of(model)
+        core = core_of(model)
         if core is None or not hasattr(core, "encoder"):
             raise PrefixError(f"from_tokens: expected a BART model, got {type(model).__name__}")
         ids = input_ids.reshape(1, -1).to(core.encoder.embed_tokens.weight.device)

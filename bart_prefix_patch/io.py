@@ -9,20 +9,20 @@ from typing import Optional, Union
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._attach import attached
+from ._models import DIM_KEYS as _DIM_KEYS
+from ._version import __version__
 from .encoder import PrefixEncoder
 from .errors import PrefixError
 
 CONFIG_NAME = "prefix_config.json"
 WEIGHTS_NAME = "prefix_model.safetensors"
 FORMAT_VERSION = 1
-_DIM_KEYS = ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads")
 
 
 def _encoder_of(encoder_or_model: torch.nn.Module) -> PrefixEncoder:
     if isinstance(encoder_or_model, PrefixEncoder):
         return encoder_or_model
-    from ._patcher import attached
-
     source = attached(encoder_or_model)
     if not isinstance(source, PrefixEncoder):
         raise PrefixError(
@@ -42,8 +42,6 @@ def save_prefix(encoder_or_model: torch.nn.Module, path: Union[str, Path]) -> Pa
     Returns:
         The directory.
     """
-    from . import __version__
-
     encoder = _encoder_of(encoder_or_model)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,12 @@ from typing import Any, Optional
 
 import torch
 
+from ._constants import SITES
+from ._models import Stack, site_attention, site_layers, site_shape
+from ._registry import status_line
 from .errors import PatchNotAppliedError, PrefixError
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
-SITES = ("encoder", "decoder", "cross")
 
 
 @dataclass
@@ -86,8 +88,6 @@ class Prefix:
 
 
 def _not_applied_message(what: str) -> str:
-    from ._patcher import status_line  # late: the patcher imports this module
-
     return (
         f"a bart_prefix_patch.Prefix reached unpatched transformers code ({what}): the prefix would be ignored "
         f"or used as a cache. {status_line()}"
@@ -99,8 +99,7 @@ def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) ->
 
     Args:
         prefix: The user's :class:`Prefix`.
-        core: The ``BartModel`` (or a model with ``.encoder`` / ``.decoder``
-            layer stacks and a BART config).
+        core: The model part holding the layer stacks (:func:`._models.core_of`).
         batch: The input batch size of the call, or ``None`` when unknown.
 
     Returns:
@@ -115,19 +114,20 @@ def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) ->
             f"expected a bart_prefix_patch.Prefix (or a module returning one), got {type(prefix).__name__}"
         )
     config = core.config
-    stacks = {
-        "encoder": (core.encoder.layers if hasattr(core, "encoder") else None, config.encoder_attention_heads),
-        "decoder": (core.decoder.layers if hasattr(core, "decoder") else None, config.decoder_attention_heads),
-        "cross": (core.decoder.layers if hasattr(core, "decoder") else None, config.decoder_attention_heads),
-    }
     result: dict[str, list[KeyValue]] = {}
     for site in SITES:
         pairs = getattr(prefix, site)
         if pairs is None:
             continue
-        layers, heads = stacks[site]
+        layers = site_layers(core, site)
         if layers is None:
-            continue  # e.g. an encoder-only call never sees the decoder sites
+            if isinstance(core, Stack) and not core.standalone:
+                raise PrefixError(
+                    f"Prefix.{site}: this model is a decoder-only language model (no encoder, no cross-attention); "
+                    "expected a prefix on the 'decoder' site only"
+                )
+            continue  # a stack called on its own never sees the other stack's sites
+        heads = site_shape(config, site)[1]
         if isinstance(pairs, torch.Tensor) or not isinstance(pairs, Sequence):
             raise PrefixError(
                 f"Prefix.{site}: expected a sequence of (key, value) pairs, one per layer, got {type(pairs).__name__}"
@@ -163,8 +163,7 @@ def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) ->
                 raise PrefixError(f"{where}: expected prefix_len >= 1 (dim 2), got {p}")
             if batch is not None and b not in (1, batch):
                 raise PrefixError(f"{where}: expected prefix batch 1 or the input batch {batch} (dim 0), got {b}")
-            attention = layer.self_attn if site != "cross" else layer.encoder_attn
-            weight = attention.k_proj.weight
+            weight = site_attention(layer, site).k_proj.weight
             if key.device != weight.device or value.device != weight.device:
                 raise PrefixError(
                     f"{where}: expected tensors on the model's device {weight.device}, got key on {key.device} "
@@ -173,11 +172,3 @@ def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) ->
             out.append((key.to(weight.dtype), value.to(weight.dtype)))
         result[site] = out
     return result
-
-
-def attention_modules(core: torch.nn.Module, site: str) -> list[torch.nn.Module]:
-    """The attention modules of one site, in layer order."""
-    if site == "encoder":
-        return [layer.self_attn for layer in core.encoder.layers] if hasattr(core, "encoder") else []
-    layers = core.decoder.layers if hasattr(core, "decoder") else []
-    return [layer.self_attn if site == "decoder" else layer.encoder_attn for layer in layers]

@@ -14,8 +14,9 @@ Where the prefix lives (docs/training.md):
   (prefix keys missing, by design); :func:`install_trainer_hooks` makes it
   then copy the saved prefix into the attached encoder, in place, when
   resuming and for ``load_best_model_at_end``. The hooks are installed as soon
-  as ``transformers.trainer`` is imported (a post-import hook registered when
-  the patch is applied) and again by :func:`add_prefix_tuning`.
+  as ``transformers.trainer`` is imported while the patch is applied (a
+  post-import hook registered with the patcher's integration hooks), and
+  removed by :func:`bart_prefix_patch.revert`.
 """
 
 from __future__ import annotations
@@ -23,18 +24,22 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import threading
+import sys
 import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
+import wrapt
 
-from ._saving import attached_module, has_saved_prefix, ignored_on_save, prefix_keys, restore_prefix
+from . import _patcher, _registry
+from ._attach import attach
+from ._saving import attached_module, has_saved_prefix, ignored_on_save, prefix_keys, restore_prefix, unwrap
+from .io import load_prefix
+from .tuning import declare_mean_loss
 
 __all__ = ["install_trainer_hooks", "load_prefix_tuned", "prepare_for_training", "restore_prefix"]
 
-_LOCK = threading.Lock()
-_HOOK_FLAG = "_bpp_trainer_hook"
+_OWNER = "trainer"
 
 
 def _resume_hook(original: Callable) -> Callable:
@@ -62,7 +67,6 @@ def _resume_hook(original: Callable) -> Callable:
         restore_prefix(model, directory)
         return result
 
-    setattr(_load_from_checkpoint, _HOOK_FLAG, True)
     return _load_from_checkpoint
 
 
@@ -80,13 +84,10 @@ def _best_model_hook(original: Callable) -> Callable:
         restore_prefix(model, directory)
         return result
 
-    setattr(_load_best_model, _HOOK_FLAG, True)
     return _load_best_model
 
 
 def _unwrapped(model: Any) -> Any:
-    from ._saving import unwrap
-
     return unwrap(model)
 
 
@@ -111,7 +112,7 @@ def install_trainer_hooks() -> bool:
         warnings.warn(f"transformers.Trainer unavailable ({error}); prefix resume hooks not installed", RuntimeWarning)
         return False
     owner = trainer_module.Trainer
-    with _LOCK:
+    with _registry.LOCK:
         missing = [name for name in _HOOKS if not callable(owner.__dict__.get(name))]
         if missing:  # pragma: no cover - a transformers release that renamed them
             warnings.warn(
@@ -121,28 +122,21 @@ def install_trainer_hooks() -> bool:
             )
             return False
         for name, make in _HOOKS.items():
-            current = owner.__dict__[name]
-            if not getattr(current, _HOOK_FLAG, False):
-                setattr(owner, name, make(current))
+            _registry.install(_OWNER, owner, name, make)
     return True
 
 
 def prepare_for_training(model: torch.nn.Module) -> None:
     """What :func:`add_prefix_tuning` does for the Hugging Face Trainer.
 
-    * Installs :func:`install_trainer_hooks` (a resumed Trainer restores the prefix).
-    * Sets ``model.accepts_loss_kwargs = False``. BART's forward takes
-      ``**kwargs`` but computes a plain mean loss, ignoring the
-      ``num_items_in_batch`` the Trainer passes; the Trainer, which infers
-      support from the ``**kwargs``, then neither divides the loss by
-      ``gradient_accumulation_steps`` nor undoes its multiplication by the
-      number of processes (``average_tokens_across_devices``): gradients come
-      out k times too large under k-step accumulation or k data-parallel
-      ranks. Declaring a mean loss makes the Trainer scale it as for any
-      mean-loss model, so a data-parallel run matches a single process.
+    * Installs :func:`install_trainer_hooks` (a resumed Trainer restores the
+      prefix; with the patch applied they are installed anyway).
+    * :func:`bart_prefix_patch.tuning.declare_mean_loss`: sets
+      ``model.accepts_loss_kwargs = False`` so the Trainer scales the loss
+      correctly under gradient accumulation and data parallelism.
     """
     install_trainer_hooks()
-    model.accepts_loss_kwargs = False
+    declare_mean_loss(model)
 
 
 def load_prefix_tuned(
@@ -155,7 +149,7 @@ def load_prefix_tuned(
 
     Args:
         directory: A folder written by ``save_pretrained`` (or a Trainer checkpoint).
-        model_class: Defaults to ``BartForConditionalGeneration``.
+        model_class: Defaults to ``AutoModelForSeq2SeqLM`` (the checkpoint's own head).
         prefix_directory: Where the prefix is, if not in ``directory``.
         **from_pretrained_kwargs: Passed to ``from_pretrained``.
 
@@ -163,11 +157,31 @@ def load_prefix_tuned(
         The model (eval mode) with the prefix attached; without a saved prefix,
         a ``PrefixError``.
     """
-    from ._patcher import attach
-    from .io import load_prefix
-
     if model_class is None:
-        from transformers import BartForConditionalGeneration as model_class
+        from transformers import AutoModelForSeq2SeqLM as model_class
     model = model_class.from_pretrained(directory, **from_pretrained_kwargs)
     attach(model, load_prefix(prefix_directory if prefix_directory is not None else directory, model=model))
     return model.eval()
+
+
+def _on_trainer_import(_module: Any) -> None:
+    if _registry.is_applied():
+        install_trainer_hooks()
+
+
+_HOOK_REGISTERED = False
+
+
+def _on_apply(applied: bool, options: dict) -> None:
+    """Whenever ``transformers.trainer`` is imported (now, if it already is), its checkpoint loading learns to restore an attached prefix."""
+    global _HOOK_REGISTERED
+    if not applied:
+        return
+    if not _HOOK_REGISTERED:
+        _HOOK_REGISTERED = True
+        wrapt.register_post_import_hook(_on_trainer_import, "transformers.trainer")  # calls at once if imported
+    elif "transformers.trainer" in sys.modules:
+        install_trainer_hooks()
+
+
+_patcher.register_integration(_OWNER, on_apply=_on_apply)

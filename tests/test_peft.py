@@ -407,10 +407,11 @@ def test_train_save_load_round_trip(tmp_path):
     labels[:, -1] = base.config.eos_token_id
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     assert trainable and all(parameter.requires_grad is False for parameter in base.parameters())
-    optimizer = torch.optim.Adam(trainable, lr=3e-2)
+    # lr 1e-2: 3e-2 oscillated (loss back up to 1.9 by step 80) on some CPUs.
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
     model.train()
     losses = []
-    for _ in range(80):
+    for _ in range(150):
         loss = model(input_ids=src, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -469,7 +470,7 @@ def test_marker_is_stripped_before_peft_sees_it(tmp_path):
 def test_old_peft_is_left_alone(monkeypatch):
     bpp.apply(peft=False)
     monkeypatch.setattr(peft, "__version__", "0.17.1")
-    monkeypatch.setattr(_peft, "_VERSION_WARNED", False)
+    monkeypatch.setattr(_peft._install, "_VERSION_WARNED", False)
     with pytest.warns(RuntimeWarning, match="older than 0.21"):
         bpp.apply(peft=True)
     assert not _peft.is_installed()

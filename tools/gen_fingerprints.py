@@ -30,7 +30,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOW, HIGH = (4, 44, 0), (5, 25)  # supported range: LOW <= v < HIGH
-BART = "transformers.models.bart.modeling_bart"
 
 try:
     from packaging.version import Version
@@ -38,15 +37,19 @@ except ImportError:  # keep the tool usable without packaging; finals are plain 
     Version = None
 
 
-def _load_fingerprint_module():
-    """Load ``_fingerprint.py`` by path: importing the package would patch transformers."""
-    spec = importlib.util.spec_from_file_location("_fingerprint", ROOT / "bart_prefix_patch" / "_fingerprint.py")
+def _load(name: str):
+    """Load a stdlib-only package module by path: importing the package would patch transformers."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bart_prefix_patch" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-FP = _load_fingerprint_module()
+FP = _load("_fingerprint")
+ARCH = _load("_architectures")
+#: What the gate fingerprints: every row of the architecture table plus the shared upstream code.
+FINGERPRINTED = ARCH.fingerprinted()
 
 
 def vkey(version: str) -> tuple[int, ...]:
@@ -132,10 +135,10 @@ def fingerprint_wheel(wheel: Path) -> tuple[dict[str, str], str | None]:
     result, bart = {}, None
     with zipfile.ZipFile(wheel) as zf:
         members = set(zf.namelist())
-        for module, names in FP.FINGERPRINTED.items():
+        for module, names in FINGERPRINTED.items():
             path = module.replace(".", "/") + ".py"
             source = zf.read(path).decode("utf-8") if path in members else None
-            bart = source if module == BART else bart
+            bart = source if module == ARCH.ARCHITECTURES["bart"].module else bart
             for name in names:
                 result[f"{module}:{name}"] = "missing" if source is None else FP.fingerprint_source(source, name)
     return result, bart
@@ -175,7 +178,7 @@ def build_table(versions: list[str], cache: Path) -> dict:
                              f"{sets[sid]['family']} release (set {sid}); fix the family boundaries")
         sets[sid] = {"family": family, "fingerprints": dict(sorted(fingerprints.items()))}
         releases[version] = sid
-    keys = sorted(f"{m}:{n}" for m, names in FP.FINGERPRINTED.items() for n in names)
+    keys = sorted(f"{m}:{n}" for m, names in FINGERPRINTED.items() for n in names)
     # Explicit ordering instead of sort_keys, so releases read in version order rather than 5.10 < 5.2.
     return {"generated_by": "tools/gen_fingerprints.py", "keys": keys,
             "releases": releases, "sets": dict(sorted(sets.items()))}

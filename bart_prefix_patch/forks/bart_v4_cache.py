@@ -38,11 +38,14 @@ what both upstream spellings (B: ``(bsz, -1, num_heads, head_dim)``, C:
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable
 
 import torch
-from transformers.models.bart import modeling_bart
 
 from ..errors import UnsupportedConfigurationError
 from ._common import attention_wrapper, eager_attention_bmm, prefixed_keys_values
@@ -50,25 +53,34 @@ from ._masks import prefixed_mask
 
 FAMILIES = ("B", "C")
 
-#: Family B has one attention class per implementation; family C has one class.
-_PER_IMPLEMENTATION_CLASSES = hasattr(modeling_bart, "BartSdpaAttention")
 
-
-def _upstream_returns_cache() -> bool:
-    """Whether upstream ``BartAttention.forward`` returns ``(out, weights, cache)``.
+def _upstream_returns_cache(attention: type) -> bool:
+    """Whether upstream ``XAttention.forward`` returns ``(out, weights, cache)``.
 
     True for 4.52 and 4.53, False from 4.54 on, where it returns
     ``(out, weights)``. Read from the upstream code itself (the last
     ``return`` of the unwrapped function), so the fork returns what the
     installed decoder layer unpacks.
     """
-    function = inspect.unwrap(modeling_bart.BartAttention.forward)
+    function = inspect.unwrap(attention.forward)
     tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     returns = [node.value for node in ast.walk(tree) if isinstance(node, ast.Return) and node.value is not None]
     return bool(returns) and isinstance(returns[-1], ast.Tuple) and len(returns[-1].elts) == 3
 
 
-_RETURNS_CACHE = _upstream_returns_cache()
+@dataclass(frozen=True)
+class _Upstream:
+    """What the family C fork reads off the upstream module.
+
+    Attributes:
+        returns_cache: See :func:`_upstream_returns_cache`.
+        eager_attention_forward: The module's eager attention function.
+        attention_functions: The module's ``ALL_ATTENTION_FUNCTIONS``.
+    """
+
+    returns_cache: bool
+    eager_attention_forward: Callable
+    attention_functions: Any
 
 
 # ------------------------------------------------------------------ helpers
@@ -158,6 +170,7 @@ def sdpa_forward(
     cache_position=None,
     *,
     prefix_kv,
+    logger,
 ):
     """``BartSdpaAttention.forward`` (4.52) with a key/value prefix.
 
@@ -166,7 +179,7 @@ def sdpa_forward(
     does not pass it on).
     """
     if output_attentions:
-        modeling_bart.logger.warning_once(
+        logger.warning_once(
             "BartSdpaAttention does not support `output_attentions=True`; falling back to the eager attention."
         )
         # DIFF: upstream calls super().forward(); the eager fork is called
@@ -246,6 +259,7 @@ def attention_forward(
     cache_position=None,
     *,
     prefix_kv,
+    upstream: _Upstream,
     past_key_values=None,
     **kwargs,
 ):
@@ -270,9 +284,9 @@ def attention_forward(
         boolean=implementation == "sdpa", dtype=query_states.dtype, device=query_states.device,
     )
 
-    attention_interface = modeling_bart.eager_attention_forward
+    attention_interface = upstream.eager_attention_forward
     if implementation != "eager":
-        attention_interface = modeling_bart.ALL_ATTENTION_FUNCTIONS[implementation]
+        attention_interface = upstream.attention_functions[implementation]
 
     attn_output, attn_weights = attention_interface(
         self,
@@ -289,17 +303,30 @@ def attention_forward(
 
     attn_output = attn_output.reshape(bsz, tgt_len, -1).contiguous()
     attn_output = self.out_proj(attn_output)
-    if _RETURNS_CACHE:  # 4.53 returns the cache too, 4.54+ do not
+    if upstream.returns_cache:  # 4.53 returns the cache too, 4.54+ do not
         return attn_output, attn_weights, cache
     return attn_output, attn_weights
 
 
-def patches():
-    """What the patcher installs for these families."""
-    if _PER_IMPLEMENTATION_CLASSES:  # family B
-        return [
-            (modeling_bart.BartAttention, "forward", attention_wrapper(eager_forward)),
-            (modeling_bart.BartSdpaAttention, "forward", attention_wrapper(sdpa_forward)),
-            (modeling_bart.BartFlashAttention2, "forward", attention_wrapper(flash_forward)),
+def patches(module: ModuleType, prefix: str) -> list[tuple[type, str, Callable]]:
+    """What the patcher installs for a model family's module on these releases.
+
+    Args:
+        module: The family's modeling module (e.g. ``transformers.models.bart.modeling_bart``).
+        prefix: Its class-name prefix (e.g. ``"Bart"``).
+    """
+    attention = getattr(module, f"{prefix}Attention")
+    sdpa = getattr(module, f"{prefix}SdpaAttention", None)
+    if sdpa is not None:  # family B: one attention class per implementation
+        flash = getattr(module, f"{prefix}FlashAttention2", None)
+        found = [
+            (attention, "forward", attention_wrapper(eager_forward)),
+            (sdpa, "forward", attention_wrapper(functools.partial(sdpa_forward, logger=module.logger))),
         ]
-    return [(modeling_bart.BartAttention, "forward", attention_wrapper(attention_forward))]
+        return found + ([(flash, "forward", attention_wrapper(flash_forward))] if flash is not None else [])
+    upstream = _Upstream(
+        returns_cache=_upstream_returns_cache(attention),
+        eager_attention_forward=module.eager_attention_forward,
+        attention_functions=module.ALL_ATTENTION_FUNCTIONS,
+    )
+    return [(attention, "forward", attention_wrapper(functools.partial(attention_forward, upstream=upstream)))]

@@ -27,16 +27,17 @@ repeated per beam like the encoder output).
 
 from __future__ import annotations
 
+import functools
+from types import ModuleType
+from typing import Callable
+
 import torch
-from transformers.models.bart import modeling_bart
 
 from ..errors import UnsupportedConfigurationError
 from ._common import attention_wrapper, concat_prefix as _cat, eager_attention_bmm
 from ._masks import prefixed_mask
 
 FAMILIES = ("A1", "A2")
-
-logger = modeling_bart.logger
 
 
 def _keys_values(self, hidden_states, key_value_states, past_key_value, prefix_kv):
@@ -166,6 +167,7 @@ def sdpa_attention_forward(
     output_attentions=False,
     *,
     prefix_kv,
+    logger,
 ):
     """``BartSdpaAttention.forward`` with a key/value prefix (upstream 4.44 - 4.51).
 
@@ -250,10 +252,20 @@ def flash_attention_forward(self, *args, prefix_kv, **kwargs):
     )
 
 
-def patches():
-    """What the patcher installs for these families."""
+def patches(module: ModuleType, prefix: str) -> list[tuple[type, str, Callable]]:
+    """What the patcher installs for a model family's module on these releases.
+
+    Args:
+        module: The family's modeling module (e.g. ``transformers.models.bart.modeling_bart``).
+        prefix: Its class-name prefix (e.g. ``"Bart"``).
+    """
+    forks = {
+        "Attention": attention_forward,
+        "SdpaAttention": functools.partial(sdpa_attention_forward, logger=module.logger),
+        "FlashAttention2": flash_attention_forward,
+    }
     return [
-        (modeling_bart.BartAttention, "forward", attention_wrapper(attention_forward)),
-        (modeling_bart.BartSdpaAttention, "forward", attention_wrapper(sdpa_attention_forward)),
-        (modeling_bart.BartFlashAttention2, "forward", attention_wrapper(flash_attention_forward)),
+        (getattr(module, prefix + suffix), "forward", attention_wrapper(fork))
+        for suffix, fork in forks.items()
+        if hasattr(module, prefix + suffix)
     ]

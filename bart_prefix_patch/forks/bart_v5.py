@@ -27,9 +27,12 @@ the call's prefix.
 
 from __future__ import annotations
 
+import functools
 import inspect
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
 
-from transformers.models.bart import modeling_bart
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ._common import attention_wrapper, prefixed_keys_values
@@ -37,15 +40,36 @@ from ._masks import prefixed_mask
 
 FAMILIES = ("D", "E", "E2")
 
-# Which family's small differences apply, read from the upstream code itself
-# (inspect.signature follows __wrapped__, so this holds after apply() too).
-_UPSTREAM_PARAMETERS = inspect.signature(modeling_bart.BartAttention.forward).parameters
-#: D (5.0 - 5.3): ``cache_position`` is an argument and goes to ``cache.update``.
-_CACHE_POSITION_TO_UPDATE = "cache_position" in _UPSTREAM_PARAMETERS
-#: E2 (5.24): the argument is named ``cache`` and ``cache.update`` receives ``kwargs=kwargs``.
-_KWARGS_TO_UPDATE = "cache" in _UPSTREAM_PARAMETERS
-#: 5.1+: ``get_interface``; 5.0.0 indexes the registry for anything but eager.
-_HAS_GET_INTERFACE = hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface")
+
+@dataclass(frozen=True)
+class _Upstream:
+    """Which family's small differences apply, read from the upstream code itself.
+
+    Attributes:
+        cache_position_to_update: D (5.0 - 5.3): ``cache_position`` is an
+            argument and goes to ``cache.update``.
+        kwargs_to_update: E2 (5.24+): the argument is named ``cache`` and
+            ``cache.update`` receives ``kwargs=kwargs``.
+        has_get_interface: 5.1+ ask ``ALL_ATTENTION_FUNCTIONS.get_interface``;
+            5.0.0 indexes the registry for anything but eager.
+        eager_attention_forward: The modeling module's own eager attention function.
+    """
+
+    cache_position_to_update: bool
+    kwargs_to_update: bool
+    has_get_interface: bool
+    eager_attention_forward: Callable
+
+    @classmethod
+    def of(cls, attention: type, module: ModuleType) -> "_Upstream":
+        # inspect.signature follows __wrapped__, so this holds after apply() too.
+        parameters = inspect.signature(attention.forward).parameters
+        return cls(
+            cache_position_to_update="cache_position" in parameters,
+            kwargs_to_update="cache" in parameters,
+            has_get_interface=hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"),
+            eager_attention_forward=module.eager_attention_forward,
+        )
 
 
 def attention_forward(
@@ -56,21 +80,21 @@ def attention_forward(
     attention_mask=None,
     *,
     prefix_kv,
+    upstream: _Upstream,
     past_key_values=None,
     **kwargs,
 ):
     """``BartAttention.forward`` with a key/value prefix (upstream 5.0 - 5.24).
 
     Differences from upstream are marked ``DIFF``; the family branches
-    (``_CACHE_POSITION_TO_UPDATE``, ``_KWARGS_TO_UPDATE``,
-    ``_HAS_GET_INTERFACE``) each follow one family's upstream line by line.
+    (the fields of ``upstream``) each follow one family's upstream line by line.
     On D, ``output_attentions`` arrives in ``kwargs`` and reaches the
     attention function through them, as upstream passes it explicitly.
     """
     if cache is None:  # DIFF: 5.0 - 5.23 spell the argument past_key_values
         cache = past_key_values
     is_cross_attention = key_value_states is not None
-    if _CACHE_POSITION_TO_UPDATE:
+    if upstream.cache_position_to_update:
         # D: cache_position is a named upstream argument, used for the cache
         # update only (never passed on to the attention function).
         cache_position = kwargs.pop("cache_position", None)
@@ -78,10 +102,10 @@ def attention_forward(
     query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
 
     def update(layer_cache, key_states, value_states, is_cross_attention):
-        if _CACHE_POSITION_TO_UPDATE:  # D
+        if upstream.cache_position_to_update:  # D
             cache_kwargs = {"cache_position": None if is_cross_attention else cache_position}
             return layer_cache.update(key_states, value_states, self.layer_idx, cache_kwargs)
-        if _KWARGS_TO_UPDATE:  # E2
+        if upstream.kwargs_to_update:  # E2
             return layer_cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
         return layer_cache.update(key_states, value_states, self.layer_idx)  # E
 
@@ -100,10 +124,10 @@ def attention_forward(
         dtype=query_states.dtype,
         device=query_states.device,
     )
-    if _HAS_GET_INTERFACE:  # 5.1+
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, modeling_bart.eager_attention_forward)
+    if upstream.has_get_interface:  # 5.1+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, upstream.eager_attention_forward)
     else:  # 5.0.0
-        attention_interface = modeling_bart.eager_attention_forward
+        attention_interface = upstream.eager_attention_forward
         if implementation != "eager":
             attention_interface = ALL_ATTENTION_FUNCTIONS[implementation]
     attn_output, attn_weights = attention_interface(
@@ -120,6 +144,13 @@ def attention_forward(
     return self.out_proj(attn_output), attn_weights
 
 
-def patches():
-    """What the patcher installs for these families."""
-    return [(modeling_bart.BartAttention, "forward", attention_wrapper(attention_forward))]
+def patches(module: ModuleType, prefix: str) -> list[tuple[type, str, Callable]]:
+    """What the patcher installs for a model family's module on these releases.
+
+    Args:
+        module: The family's modeling module (e.g. ``transformers.models.bart.modeling_bart``).
+        prefix: Its class-name prefix (e.g. ``"Bart"``).
+    """
+    attention = getattr(module, f"{prefix}Attention")
+    fork = functools.partial(attention_forward, upstream=_Upstream.of(attention, module))
+    return [(attention, "forward", attention_wrapper(fork))]

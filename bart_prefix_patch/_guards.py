@@ -1,0 +1,246 @@
+"""Entry guards: where every prefixed call enters, and how wrappers are built.
+
+An entry guard wraps the public entry points of a supported model family
+(``forward`` of every model class of its module, ``generate``). When the
+patch is applied, the outermost guard of a call resolves the call's prefix
+(``prefix=``, a ``Prefix`` passed where a cache goes, or the attached one)
+into a :class:`._state.PrefixState` and publishes it for the duration of the
+call; the attention forks look their slice up there. When the patch is not
+applied, a guard passes every call through untouched, except one carrying a
+prefix, which raises :class:`PatchNotAppliedError` instead of being silently
+ignored (stock 5.x forwards swallow unknown keyword arguments).
+
+A call's path::
+
+    BartForConditionalGeneration.forward / .generate   entry guard (_guards.entry_forward / entry_generate)
+      -> resolve(): prefix -> validate_prefix -> PrefixState{attention module -> (key, value)}
+      -> run_with_state(state, upstream forward)        state published in a ContextVar
+         -> BartEncoder.forward / BartDecoder.forward   nested guards: state.covers() -> upstream
+            -> BartAttention.forward                    fork wrapper (forks/_common.attention_wrapper)
+               -> state.kv_for(self) ? fork(prefix_kv) : upstream
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from ._attach import any_attached, attachment_of, call_source
+from ._models import attention_modules, core_of, stacks
+from ._registry import is_applied, status_line
+from ._state import PrefixState, active_state, ensure_checkpoint_binding, prefixed_call_in_flight, run_with_state
+from .errors import PatchNotAppliedError, PrefixError, UnsupportedConfigurationError
+from .prefix import Prefix, validate_prefix
+
+_CACHE_NAMES = ("cache", "past_key_values")
+_BATCH_NAMES = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "inputs")
+_STATIC_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "hybrid_chunked")
+
+
+# ------------------------------------------------------------------ wrappers
+
+
+def method_wrapper(wrapper: Callable) -> Callable[[Callable], Callable]:
+    """A registry ``make`` that wraps an upstream method with ``wrapper(bound, self, args, kwargs)``.
+
+    wrapt's calling convention, but the result is a plain function rather
+    than a ``wrapt.FunctionWrapper`` object: TorchDynamo guards on the
+    closures of the methods it traces and rejects proxy objects there.
+    ``functools.wraps`` keeps ``__wrapped__`` and therefore
+    ``inspect.signature``, which ``generate()`` uses to validate its keyword
+    arguments.
+    """
+
+    def make(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def patched(self, *args, **kwargs):
+            if torch.compiler.is_compiling() and not _prefix_involved(self, kwargs):
+                return original(self, *args, **kwargs)  # traced by torch.compile: exactly upstream
+            # The unbound original crosses the graph break: Dynamo may rebuild a bound method as
+            # `self.forward`, which is the compiled function itself when a user assigned one.
+            return _eager(wrapper, original, self, args, kwargs)
+
+        return patched
+
+    return make
+
+
+def _prefix_involved(instance: Any, kwargs: dict) -> bool:
+    # Traceable by torch.compile without a graph break, and guarded: module globals, no ContextVar
+    # (see _state._ANY_IN_FLIGHT and _attach._ANY_ATTACHED).
+    return (
+        "prefix" in kwargs
+        or any(isinstance(kwargs.get(name), Prefix) for name in _CACHE_NAMES)
+        or any_attached()
+        or prefixed_call_in_flight()
+    )
+
+
+@torch.compiler.disable
+def _eager(wrapper: Callable, original: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Run a wrapper (and everything below it) outside torch.compile.
+
+    A prefixed call keeps its per-call state in a ContextVar, which a compiled
+    graph would bake in; under torch.compile such a call therefore runs
+    eagerly (correct, not faster), and calls without a prefix compile as in
+    stock transformers. Outside torch.compile this decorator costs nothing.
+    """
+    return wrapper(original.__get__(instance, type(instance)), instance, args, kwargs)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(function: Callable) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def _bound_arguments(wrapped: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
+    if not args:
+        return kwargs
+    try:
+        names = list(_signature(getattr(wrapped, "__func__", wrapped)).parameters)
+    except (TypeError, ValueError):
+        return kwargs
+    if names and names[0] == "self" and hasattr(wrapped, "__self__"):
+        names = names[1:]
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _take_prefix(args: tuple, kwargs: dict) -> tuple[tuple, Optional[Prefix]]:
+    """Pop ``prefix=`` and any Prefix passed where a cache goes (-> fresh cache)."""
+    prefix = kwargs.pop("prefix", None)
+    for name in _CACHE_NAMES:
+        if isinstance(kwargs.get(name), Prefix):
+            # Dropped rather than set to None: a fresh cache, and no deprecation warning for the old name.
+            prefix = _one_prefix(prefix, kwargs.pop(name), name)
+    if args and any(isinstance(arg, Prefix) for arg in args):
+        args = list(args)
+        for index, arg in enumerate(args):
+            if isinstance(arg, Prefix):
+                prefix = _one_prefix(prefix, arg, f"positional argument {index}")
+                args[index] = None
+        args = tuple(args)
+    return args, prefix
+
+
+def _one_prefix(current: Optional[Prefix], new: Prefix, where: str) -> Prefix:
+    if current is not None and current is not new:
+        raise PrefixError(f"two prefixes given: prefix= and a Prefix in {where}; pass only one")
+    return new
+
+
+def _input_batch(wrapped: Callable, args: tuple, kwargs: dict) -> Optional[int]:
+    bound = _bound_arguments(wrapped, args, kwargs)
+    for name in _BATCH_NAMES:
+        value = bound.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[0]
+    for name in ("encoder_outputs", "encoder_hidden_states"):
+        value = bound.get(name)
+        if value is not None and not isinstance(value, torch.Tensor):
+            value = value[0] if len(value) else None
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    return None
+
+
+def _check_attention_implementation(core: Any) -> None:
+    implementation = getattr(core.config, "_attn_implementation", "eager") or "eager"
+    if implementation not in ("eager", "sdpa"):
+        raise UnsupportedConfigurationError(
+            f"prefixes run with attn_implementation 'eager' or 'sdpa', got {implementation!r}: load the model "
+            "with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa'))"
+        )
+
+
+def resolve(
+    instance: torch.nn.Module,
+    source: Union[Prefix, torch.nn.Module],
+    batch: Optional[int],
+    expansions: tuple[int, ...] = (1,),
+) -> PrefixState:
+    """Turn a Prefix (or the module producing one) into a call's state."""
+    attachment = attachment_of(instance)
+    core = (attachment.core() if attachment else None) or core_of(instance)
+    if core is None:
+        raise PrefixError(f"expected a supported model, encoder or decoder, got {type(instance).__name__}")
+    _check_attention_implementation(core)
+    prefix = call_source(source) if isinstance(source, torch.nn.Module) else source
+    pairs = validate_prefix(prefix, core, batch)
+    slices = {}
+    for site, site_pairs in pairs.items():
+        slices.update(zip(attention_modules(core, site), site_pairs))
+    ensure_checkpoint_binding(m for stack in stacks(core) for m in (stack, *stack.layers))
+    owners = [instance, *stacks(core)] + ([core] if isinstance(core, torch.nn.Module) else [])
+    return PrefixState(slices, batch, expansions, owners)
+
+
+# ------------------------------------------------------------------ guards
+
+
+def entry_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Entry guard of ``forward``: resolve and publish the call's prefix."""
+    args, prefix = _take_prefix(args, kwargs)
+    attachment = attachment_of(instance)
+    if not is_applied():
+        if prefix is not None or attachment is not None:
+            raise PatchNotAppliedError(f"a prefix was given to {type(instance).__name__}: {status_line()}")
+        return wrapped(*args, **kwargs)
+    if prefix is None:
+        state = active_state()
+        if state is not None and state.covers(instance):
+            return wrapped(*args, **kwargs)  # nested in a call that already resolved the prefix
+        if attachment is None:
+            return wrapped(*args, **kwargs)
+        prefix = attachment.source
+    state = resolve(instance, prefix, _input_batch(wrapped, args, kwargs))
+    return run_with_state(state, wrapped, *args, **kwargs)
+
+
+def entry_generate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Entry guard of ``generate``: one prefix computation per call, expanded to beams and returned sequences."""
+    args, prefix = _take_prefix(args, kwargs)
+    attachment = attachment_of(instance)
+    if not is_applied():
+        if prefix is not None or attachment is not None:
+            raise PatchNotAppliedError(f"a prefix was given to {type(instance).__name__}.generate(): {status_line()}")
+        return wrapped(*args, **kwargs)
+    source = prefix if prefix is not None else (attachment.source if attachment else None)
+    if source is None:
+        return wrapped(*args, **kwargs)
+    config = kwargs.get("generation_config") or instance.generation_config
+    cache_implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    if cache_implementation in _STATIC_CACHES:
+        raise UnsupportedConfigurationError(
+            f"a prefix needs a growable cache, got cache_implementation={cache_implementation!r}: a fixed-size "
+            "cross-attention cache cannot hold [prefix ; encoder]. Use the default (dynamic) cache."
+        )
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+    # One prefix computation per generate() call, none per decoding step.
+    with torch.no_grad():
+        state = resolve(instance, source, _input_batch(wrapped, args, kwargs), (1, beams, returned, beams * returned))
+    return run_with_state(state, wrapped, *args, **kwargs)
+
+
+def guard_targets(model_classes: list[type]) -> list[tuple[type, str, Callable]]:
+    """``(class, attribute, guard)`` for a family's model classes: every ``forward``, and ``generate`` where it exists."""
+    targets = []
+    for cls in model_classes:
+        if "forward" in cls.__dict__:
+            targets.append((cls, "forward", entry_forward))
+        if callable(getattr(cls, "generate", None)) and _generates(cls):
+            targets.append((cls, "generate", entry_generate))
+    return targets
+
+
+def _generates(cls: type) -> bool:
+    try:
+        return bool(cls.can_generate())  # transformers' own answer (4.x gives every model a generate())
+    except Exception:  # pragma: no cover - a class whose can_generate needs an instance
+        return False
