@@ -15,7 +15,9 @@ from ._patcher import apply, attach, attached, detach, gate, get_original, is_ap
 from .errors import (
     BartPrefixPatchError,
     PatchNotAppliedError,
+    PrefixAttributeError,
     PrefixError,
+    PrefixMisplacedError,
     UnsupportedConfigurationError,
     UnsupportedTransformersError,
 )
@@ -45,6 +47,8 @@ __all__ = [
     "BartPrefixPatchError",
     "PatchNotAppliedError",
     "PrefixError",
+    "PrefixMisplacedError",
+    "PrefixAttributeError",
     "UnsupportedConfigurationError",
     "UnsupportedTransformersError",
     "PeftIntegrationWarning",

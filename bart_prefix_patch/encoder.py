@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .errors import PrefixError
-from .prefix import SITES, Prefix
+from .prefix import SITES, Prefix, execution_device
 
 PrefixLength = Union[int, Mapping[str, int]]
 
@@ -50,8 +50,14 @@ class _SitePrefix(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """``(P, layers * 2 * d_model)`` keys and values of every layer."""
-        values = self.flat if self.is_flat else self.mlp(self.embedding.weight)
-        return self.dropout(values)
+        if self.is_flat:
+            return self.dropout(self.flat)
+        rows = self.embedding.weight
+        if rows.device.type == "meta":
+            # Offloaded by accelerate (cpu_offload after attach): only calling the Embedding runs the hook
+            # that loads its weight; looking up every position gives the same rows.
+            rows = self.embedding(torch.arange(self.length, device=execution_device(self.embedding)))
+        return self.dropout(self.mlp(rows))
 
 
 class PrefixEncoder(nn.Module):

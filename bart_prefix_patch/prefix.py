@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
-from .errors import PatchNotAppliedError, PrefixError
+from .errors import (
+    PatchNotAppliedError,
+    PrefixError,
+    PrefixMisplacedError,
+    _MisplacedAttributeError,
+    _NotAppliedAttributeError,
+)
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 SITES = ("encoder", "decoder", "cross")
@@ -28,9 +35,13 @@ class Prefix:
     through the cast).
 
     A ``Prefix`` is deliberately not a cache: stock transformers code that
-    receives one (because the patch is not applied) fails with
-    :class:`~bart_prefix_patch.errors.PatchNotAppliedError` instead of
-    silently using it as a cache.
+    receives one fails instead of silently using it as a cache, with
+    :class:`~bart_prefix_patch.errors.PatchNotAppliedError` when the patch is
+    not applied and :class:`~bart_prefix_patch.errors.PrefixMisplacedError`
+    when it is (another model class, or a Prefix passed as a layer's cache).
+    Unknown attributes raise
+    :class:`~bart_prefix_patch.errors.PrefixAttributeError` (an
+    ``AttributeError``), so ``hasattr(prefix, "to")`` is False.
     """
 
     encoder: Optional[Sequence[KeyValue]] = None
@@ -68,30 +79,76 @@ class Prefix:
         return tuple(site for site in SITES if getattr(self, site) is not None)
 
     # Stock transformers code treats whatever it finds in ``past_key_values``
-    # as a cache. Make every such use fail loudly: a Prefix there means the
-    # patch is not active and the prefix would otherwise be dropped or misused.
+    # as a cache. Make every such use fail loudly: a Prefix there would
+    # otherwise be dropped or misused. Attribute lookups raise an
+    # AttributeError subclass, so hasattr() probes (accelerate's
+    # send_to_device asks for ``.to``) see "no such attribute" and pass the
+    # Prefix through; the Python protocols stock code uses next (indexing,
+    # iteration, len) keep failing with the cause.
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in SITES:
             raise AttributeError(name)
-        raise PatchNotAppliedError(_not_applied_message(f"Prefix.{name}"))
+        where = _caller()
+        cause, sentence = _misuse_cause(where)
+        error = _NotAppliedAttributeError if cause is PatchNotAppliedError else _MisplacedAttributeError
+        raise error(_misuse_message(f"Prefix.{name}", where, sentence))
 
     def __getitem__(self, index: Any) -> Any:
-        raise PatchNotAppliedError(_not_applied_message("Prefix[...]"))
+        raise _misuse_error("Prefix[...]", _caller())
 
     def __iter__(self):
-        raise PatchNotAppliedError(_not_applied_message("iter(Prefix)"))
+        raise _misuse_error("iter(Prefix)", _caller())
 
     def __len__(self) -> int:
-        raise PatchNotAppliedError(_not_applied_message("len(Prefix)"))
+        raise _misuse_error("len(Prefix)", _caller())
 
 
-def _not_applied_message(what: str) -> str:
-    from ._patcher import status_line  # late: the patcher imports this module
+_PATCHED_CLASSES = (
+    "BartForConditionalGeneration, BartModel, BartForSequenceClassification, BartForQuestionAnswering, "
+    "BartEncoder and BartDecoder"
+)
 
-    return (
-        f"a bart_prefix_patch.Prefix reached unpatched transformers code ({what}): the prefix would be ignored "
-        f"or used as a cache. {status_line()}"
+
+def _misuse_cause(where: str) -> tuple[type, str]:
+    """The error class and the sentence naming why a Prefix reached ``where``."""
+    from ._patcher import is_applied, status_line  # late: the patcher imports this module
+
+    if not is_applied():
+        return PatchNotAppliedError, f"the patch is not active, so stock transformers code received it. {status_line()}"
+    fix = "pass it as prefix= to the forward() or generate() of a BART model"
+    parts = where.split(".")
+    if where.startswith("transformers.models.") and len(parts) > 2 and parts[2] != "bart":
+        return PrefixMisplacedError, (
+            f"unsupported model class: {parts[2]} is not patched (bart_prefix_patch patches {_PATCHED_CLASSES}); {fix}"
+        )
+    if where.startswith("transformers.models.bart."):
+        return PrefixMisplacedError, (
+            "a Prefix where a cache object is expected: a BART layer or attention module was called directly with "
+            f"it as its cache (only {_PATCHED_CLASSES} take a Prefix); {fix}"
+        )
+    return PrefixMisplacedError, (
+        "a Prefix where a cache object is expected: it was passed to code that is not one of the patched entry "
+        f"points ({_PATCHED_CLASSES}), e.g. another model class or a Cache helper; {fix}"
     )
+
+
+def _caller() -> str:
+    """``module.function`` of the code that used the Prefix (two frames up: past the dunder)."""
+    try:
+        frame = sys._getframe(2)
+    except ValueError:  # pragma: no cover - called from the top of a stack
+        return "?"
+    code = frame.f_code
+    return f"{frame.f_globals.get('__name__', '?')}.{getattr(code, 'co_qualname', code.co_name)}"
+
+
+def _misuse_message(what: str, where: str, sentence: str) -> str:
+    return f"a bart_prefix_patch.Prefix was used as a cache object ({what} in {where}): {sentence}"
+
+
+def _misuse_error(what: str, where: str) -> Exception:
+    cause, sentence = _misuse_cause(where)
+    return cause(_misuse_message(what, where, sentence))
 
 
 def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) -> dict[str, list[KeyValue]]:
@@ -165,14 +222,43 @@ def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) ->
                 raise PrefixError(f"{where}: expected prefix batch 1 or the input batch {batch} (dim 0), got {b}")
             attention = layer.self_attn if site != "cross" else layer.encoder_attn
             weight = attention.k_proj.weight
-            if key.device != weight.device or value.device != weight.device:
+            device = execution_device(attention.k_proj)
+            if key.device != device or value.device != device:
                 raise PrefixError(
-                    f"{where}: expected tensors on the model's device {weight.device}, got key on {key.device} "
+                    f"{where}: expected tensors on the model's device {device}, got key on {key.device} "
                     f"and value on {value.device}"
                 )
             out.append((key.to(weight.dtype), value.to(weight.dtype)))
         result[site] = out
     return result
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device ``module`` computes on: its weight's, or accelerate's for an offloaded module.
+
+    accelerate's ``cpu_offload``, ``dispatch_model`` and ``device_map`` loading
+    with offloading leave offloaded weights on the ``meta`` device and move them
+    to the hook's ``execution_device`` for each call; the prefix must already be
+    there (attention concatenates it with keys computed on that device).
+
+    Raises:
+        PrefixError: The weights are on ``meta`` and no accelerate hook says
+            where they run (a model built on ``meta`` and never loaded).
+    """
+    weight = module.weight
+    if weight.device.type != "meta":
+        return weight.device
+    hook = getattr(module, "_hf_hook", None)
+    # A SequentialHook holds several hooks; AlignDevicesHook is the one with the device.
+    for candidate in (hook, *getattr(hook, "hooks", ())):
+        device = getattr(candidate, "execution_device", None)
+        if device is not None:
+            return torch.device(device)  # an int is an index of the current accelerator (cuda:0, xpu:0, ...)
+    raise PrefixError(
+        f"expected the model's weights on a real device or offloaded by accelerate (cpu_offload, dispatch_model, "
+        f"device_map), got {type(module).__name__} weights on meta without an accelerate hook: load the weights "
+        "(e.g. from_pretrained, or model.to_empty() and load_state_dict) before running a prefix"
+    )
 
 
 def attention_modules(core: torch.nn.Module, site: str) -> list[torch.nn.Module]:
