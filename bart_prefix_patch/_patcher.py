@@ -40,6 +40,9 @@ _INSTALLED: dict[tuple[type, str], Any] = {}  # (owner, attr) -> the wrapper we 
 _GUARDS: dict[tuple[type, str], Any] = {}  # entry guards, installed once
 _APPLIED = False
 _GATE: Optional[_compat.GateResult] = None
+# Bumped at the start and the end of every revert(): a prefixed call that sees it change ran (partly)
+# while the forks were being removed, so some of its layers may have run without the prefix.
+_REVERTS = 0
 
 _CACHE_NAMES = ("cache", "past_key_values")
 _BATCH_NAMES = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "inputs")
@@ -117,11 +120,13 @@ def revert() -> None:
     object is not ours to remove). The entry guards stay and keep refusing
     prefixes while the patch is not applied.
     """
-    global _APPLIED
+    global _APPLIED, _REVERTS
     with _LOCK:
+        _REVERTS += 1
         for key in list(_INSTALLED):
             _unwrap(key, _INSTALLED.pop(key))
         _APPLIED = False
+        _REVERTS += 1
         from . import _peft  # late: _peft imports this module
 
         _peft.configure()  # PEFT's own methods again
@@ -390,7 +395,19 @@ def _resolve(
     return PrefixState(slices, batch, expansions, _owners(instance, core))
 
 
+def _run_whole(reverts: int, instance: Any, state: PrefixState, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
+    """``run_with_state``, refusing a result that a concurrent revert() may have mixed."""
+    result = run_with_state(state, wrapped, *args, **kwargs)
+    if _REVERTS != reverts:
+        raise PatchNotAppliedError(
+            f"bpp.revert() ran while this {type(instance).__name__} call with a prefix was in flight: some layers "
+            "may have run without the prefix, so the result was discarded. Call bpp.apply() and run it again."
+        )
+    return result
+
+
 def _entry_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    reverts = _REVERTS  # read before _APPLIED (see _run_whole)
     args, prefix = _take_prefix(wrapped, args, kwargs)
     attachment = _attachment_of(instance)
     if not _APPLIED:
@@ -405,13 +422,14 @@ def _entry_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
             return wrapped(*args, **kwargs)
         prefix = attachment.source
     state = _resolve(instance, prefix, _input_batch(wrapped, args, kwargs))
-    return run_with_state(state, wrapped, *args, **kwargs)
+    return _run_whole(reverts, instance, state, wrapped, args, kwargs)
 
 
 _STATIC_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "hybrid_chunked")
 
 
 def _entry_generate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    reverts = _REVERTS  # read before _APPLIED (see _run_whole)
     args, prefix = _take_prefix(wrapped, args, kwargs)
     attachment = _attachment_of(instance)
     if not _APPLIED:
@@ -433,7 +451,7 @@ def _entry_generate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict)
     # One prefix computation per generate() call, none per decoding step.
     with torch.no_grad():
         state = _resolve(instance, source, _input_batch(wrapped, args, kwargs), (1, beams, returned, beams * returned))
-    return run_with_state(state, wrapped, *args, **kwargs)
+    return _run_whole(reverts, instance, state, wrapped, args, kwargs)
 
 
 # ------------------------------------------------------------ attach/detach
