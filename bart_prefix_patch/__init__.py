@@ -22,7 +22,9 @@ from .encoder import PrefixEncoder
 from .errors import (
     BartPrefixPatchError,
     PatchNotAppliedError,
+    PrefixAttributeError,
     PrefixError,
+    PrefixMisplacedError,
     UnsupportedConfigurationError,
     UnsupportedTransformersError,
 )
@@ -52,6 +54,8 @@ __all__ = [
     "BartPrefixPatchError",
     "PatchNotAppliedError",
     "PrefixError",
+    "PrefixMisplacedError",
+    "PrefixAttributeError",
     "UnsupportedConfigurationError",
     "UnsupportedTransformersError",
     "PeftIntegrationWarning",

@@ -8,11 +8,18 @@ import sys
 from ._doctor import doctor
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): the same shape as every other CLI error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv=None) -> int:
     """Entry point of ``python -m bart_prefix_patch``."""
     from ._cli import CLIError, add_commands, run
 
-    parser = argparse.ArgumentParser(prog="python -m bart_prefix_patch", description=__doc__)
+    parser = _Parser(prog="python -m bart_prefix_patch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="versions, fork, fingerprints and a few-second self-check")
     add_commands(commands)

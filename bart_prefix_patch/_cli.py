@@ -7,6 +7,7 @@ one-line message and exits with code 2.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -18,8 +19,7 @@ from typing import Optional
 
 from ._architectures import ARCHITECTURES
 from ._constants import SITES
-
-RUN_INFO = "prefix_training.json"
+from .io import CONFIG_NAME, RUN_INFO, WEIGHTS_NAME
 
 
 class CLIError(Exception):
@@ -35,25 +35,36 @@ def read_jsonl(path: str, fields: tuple[str, ...], option: str) -> list[dict]:
     if not file.is_file():
         raise CLIError(f"{option} {path}: file not found")
     records = []
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CLIError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise CLIError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            for field in fields:
-                if field not in record:
-                    available = ", ".join(repr(k) for k in record) or "none"
-                    raise CLIError(f"{path}:{number}: missing field {field!r} (fields: {available})")
-                if not isinstance(record[field], str):
-                    raise CLIError(
-                        f"{path}:{number}: field {field!r} must be a string, got {type(record[field]).__name__}"
-                    )
-            records.append(record)
+    try:
+        data = file.read_bytes()
+    except OSError as error:
+        raise CLIError(f"{option} {path}: cannot read ({error.strerror or error})") from None
+    # Decoded line by line, so that a byte that is not UTF-8 is reported with its line.
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise CLIError(
+                f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                "save the file as UTF-8"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CLIError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise CLIError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        for field in fields:
+            if field not in record:
+                available = ", ".join(repr(k) for k in record) or "none"
+                raise CLIError(f"{path}:{number}: missing field {field!r} (fields: {available})")
+            if not isinstance(record[field], str):
+                raise CLIError(
+                    f"{path}:{number}: field {field!r} must be a string, got {type(record[field]).__name__}"
+                )
+        records.append(record)
     if not records:
         raise CLIError(f"{path}: no examples (empty file)")
     return records
@@ -121,9 +132,35 @@ def _fit_lengths(args, model) -> None:
 
 
 def _device(requested: Optional[str]) -> str:
+    """The torch device to run on; a name torch does not know, or cannot use here, is a CLIError."""
     import torch
 
-    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not requested:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError, TypeError):
+        raise CLIError(f"--device {requested}: not a torch device (expected e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "meta":
+        raise CLIError(f"--device {requested}: the meta device holds no data; expected e.g. cpu or cuda")
+    if device.type != "cpu":
+        try:  # the one reliable test across device types (CUDA, MPS, XPU, ...) and torch builds
+            torch.empty(1, device=device)
+        except Exception as error:  # AssertionError (no CUDA build), RuntimeError (no device), ...
+            raise CLIError(f"--device {requested}: not usable here ({_first_line(error)}); try --device cpu") from None
+    return str(device)
+
+
+def _check_numbers(args, positive: tuple[str, ...], non_negative: tuple[str, ...] = ()) -> None:
+    """Integer options that must be >= 1 (or >= 0), checked before any file is read."""
+    for name in positive:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
+    for name in non_negative:
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise CLIError(f"--{name.replace('_', '-')} {value}: expected 0 or a positive integer")
 
 
 def _sites(text: str) -> tuple[str, ...]:
@@ -213,20 +250,31 @@ def train(args) -> int:
 
     import bart_prefix_patch as bpp
 
+    _check_numbers(
+        args,
+        ("epochs", "batch_size", "prefix_length", "max_source_length", "max_target_length", "max_new_tokens",
+         "num_beams"),
+        ("hidden_size", "eval_every"),
+    )
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise CLIError(f"--lr {args.lr}: expected a positive learning rate")
+    if not 0 <= args.dropout < 1:
+        raise CLIError(f"--dropout {args.dropout}: expected a probability in [0, 1)")
+    sites = _sites(args.sites)
     fields = (args.source_field, args.target_field)
     train_records = read_jsonl(args.train, fields, "--train")
     eval_records = read_jsonl(args.eval, fields, "--eval") if args.eval else None
-    sites = _sites(args.sites)
-    for name in ("epochs", "batch_size", "prefix_length", "max_source_length", "max_target_length"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise CLIError(f"--output {args.output}: exists and is not a directory")
+    try:  # now, not after training: an unwritable place fails before the work
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"--output {args.output}: cannot create the directory ({error.strerror or error})") from None
+    device = _device(args.device)
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = _device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, device)
     _fit_lengths(args, model)
     try:
@@ -311,7 +359,7 @@ def train(args) -> int:
     print(f"trained {step} steps in {info['seconds']:.1f} s: training loss {first:.4f} -> {last:.4f}")
     if evaluations:
         print(f"eval exact match {100 * evaluations[0]['exact_match']:.1f}% -> {100 * evaluations[-1]['exact_match']:.1f}%")
-    print(f"prefix saved to {output} (prefix_config.json, prefix_model.safetensors, {RUN_INFO})")
+    print(f"prefix saved to {output} ({CONFIG_NAME}, {WEIGHTS_NAME}, {RUN_INFO})")
     return 0
 
 
@@ -320,29 +368,34 @@ def train(args) -> int:
 
 def generate(args) -> int:
     import bart_prefix_patch as bpp
+    from .io import read_prefix
 
-    prefix_dir = Path(args.prefix)
-    if not prefix_dir.is_dir():
-        raise CLIError(f"--prefix {args.prefix}: directory not found")
-    for name in ("prefix_config.json", "prefix_model.safetensors"):
-        if not (prefix_dir / name).is_file():
-            raise CLIError(f"--prefix {args.prefix}: no {name} (expected a folder written by `train` or save_prefix)")
-    info = {}
-    if (prefix_dir / RUN_INFO).is_file():
-        info = json.loads((prefix_dir / RUN_INFO).read_text(encoding="utf-8"))
+    _check_numbers(args, ("batch_size", "num_beams", "max_new_tokens", "max_source_length"))
+    if bool(args.input) == bool(args.text):
+        raise CLIError("give either --input FILE.jsonl or --text TEXT (one or more)")
+    if args.output:
+        target = Path(args.output)
+        if target.is_dir():
+            raise CLIError(f"--output {args.output}: is a directory (expected a file path)")
+        if not target.parent.is_dir():
+            raise CLIError(f"--output {args.output}: directory {target.parent} not found")
+    device = _device(args.device)
+    try:  # every file of the prefix folder validated before the model is loaded (bart_prefix_patch.io)
+        saved = read_prefix(args.prefix)
+    except bpp.PrefixError as error:
+        raise CLIError(f"--prefix {args.prefix}: {error}") from None
+    info = saved.run_info or {}
     model_dir = args.model or info.get("model")
     if not model_dir:
         raise CLIError(f"--model is required: {args.prefix} does not record the model it was trained on")
-    args.max_source_length = args.max_source_length or info.get("max_source_length", 1024)
-    if bool(args.input) == bool(args.text):
-        raise CLIError("give either --input FILE.jsonl or --text TEXT (one or more)")
-    source_field = args.source_field or info.get("source_field", "src")
+    args.max_source_length = args.max_source_length or info.get("max_source_length") or 1024
+    source_field = args.source_field or info.get("source_field") or "src"
     records = read_jsonl(args.input, (source_field,), "--input") if args.input else None
 
-    model, tokenizer = load_model_and_tokenizer(model_dir, _device(args.device))
+    model, tokenizer = load_model_and_tokenizer(model_dir, device)
     _fit_lengths(args, model)
     try:
-        bpp.attach(model, bpp.load_prefix(prefix_dir, model=model))
+        bpp.attach(model, bpp.load_prefix(saved.directory, model=model))
     except bpp.BartPrefixPatchError as error:
         raise CLIError(f"--prefix {args.prefix}: {error}") from None
     sources = [r[source_field] for r in records] if records is not None else list(args.text)
@@ -352,7 +405,10 @@ def generate(args) -> int:
     else:
         lines = [json.dumps({**record, "prediction": p}, ensure_ascii=False) for record, p in zip(records, predictions)]
     if args.output:
-        Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        try:
+            Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise CLIError(f"--output {args.output}: cannot write ({error.strerror or error})") from None
         print(f"{len(lines)} predictions written to {args.output}", file=sys.stderr)
     else:
         for line in lines:
@@ -363,15 +419,28 @@ def generate(args) -> int:
 # ---------------------------------------------------------------- parser
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default (unless its help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.required or action.nargs == 0 or "default" in text:
+            return text  # positionals, required options and flags have no default worth printing
+        if action.default is None or action.default == argparse.SUPPRESS:
+            return f"{text} (default: none)".lstrip()
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def add_commands(commands) -> None:
     """Register ``demo``, ``train`` and ``generate`` on an argparse subparsers object."""
+    commands = _WithDefaults(commands)
     demo = commands.add_parser(
         "demo", help="build, pretrain, freeze and prefix-tune a small BART; compare with stock transformers",
         description="Builds a small BART, pretrains it on tagged tasks, freezes it, prefix-tunes it on a new "
         "untagged task, and runs the same prefix-tuning with stock transformers. No downloads.",
     )
     demo.add_argument("--quick", action="store_true", help="a ~30 s smoke version")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="random seed")
 
     train_parser = commands.add_parser(
         "train", help="prefix-tune a local BART folder on a JSONL file",
@@ -384,19 +453,19 @@ def add_commands(commands) -> None:
     train_parser.add_argument("--source-field", default="src", help="JSON field of the input text (default: src)")
     train_parser.add_argument("--target-field", default="tgt", help="JSON field of the target text (default: tgt)")
     train_parser.add_argument("--output", required=True, help="output folder for the prefix")
-    train_parser.add_argument("--prefix-length", type=int, default=20)
+    train_parser.add_argument("--prefix-length", type=int, default=20, help="prefix length (positions) at each site")
     train_parser.add_argument("--hidden-size", type=int, default=512, help="prefix MLP width; 0 for a flat prefix")
     train_parser.add_argument("--sites", default=",".join(SITES), help="comma-separated subset of encoder,decoder,cross")
     train_parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the prefix keys/values")
-    train_parser.add_argument("--epochs", type=int, default=3)
-    train_parser.add_argument("--batch-size", type=int, default=8)
+    train_parser.add_argument("--epochs", type=int, default=3, help="passes over the training file")
+    train_parser.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
     train_parser.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (linear decay to 0)")
-    train_parser.add_argument("--max-source-length", type=int, default=256)
-    train_parser.add_argument("--max-target-length", type=int, default=128)
+    train_parser.add_argument("--max-source-length", type=int, default=256, help="source tokens kept (longer are cut)")
+    train_parser.add_argument("--max-target-length", type=int, default=128, help="target tokens kept (longer are cut)")
     train_parser.add_argument("--max-new-tokens", type=int, default=128, help="for evaluation generate()")
     train_parser.add_argument("--num-beams", type=int, default=1, help="for evaluation generate()")
     train_parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: each epoch)")
-    train_parser.add_argument("--seed", type=int, default=0)
+    train_parser.add_argument("--seed", type=int, default=0, help="random seed (initialisation, data order)")
     train_parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
 
     gen = commands.add_parser(
@@ -409,11 +478,22 @@ def add_commands(commands) -> None:
     gen.add_argument("--text", action="append", help="an input text (repeatable)")
     gen.add_argument("--source-field", help="JSON field of the input text (default: as trained, else src)")
     gen.add_argument("--output", help="write predictions here (JSONL with --input) instead of stdout")
-    gen.add_argument("--batch-size", type=int, default=16)
-    gen.add_argument("--num-beams", type=int, default=4)
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--max-source-length", type=int, help="default: as trained")
+    gen.add_argument("--batch-size", type=int, default=16, help="inputs per generate() call")
+    gen.add_argument("--num-beams", type=int, default=4, help="beam search width (1: greedy)")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per input")
+    gen.add_argument("--max-source-length", type=int, help="source tokens kept (default: as trained, else 1024)")
     gen.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+class _WithDefaults:
+    """A subparsers object whose ``add_parser`` uses :class:`DefaultsHelpFormatter`."""
+
+    def __init__(self, commands):
+        self.commands = commands
+
+    def add_parser(self, name: str, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        return self.commands.add_parser(name, **kwargs)
 
 
 def run(args) -> int:

@@ -30,7 +30,7 @@ import torch
 
 from ._attach import any_attached, attachment_of, call_source
 from ._models import attention_modules, core_of, stacks
-from ._registry import is_applied, status_line
+from ._registry import is_applied, reverts, status_line
 from ._state import PrefixState, active_state, ensure_checkpoint_binding, prefixed_call_in_flight, run_with_state
 from .errors import PatchNotAppliedError, PrefixError, UnsupportedConfigurationError
 from .prefix import Prefix, validate_prefix
@@ -183,8 +183,24 @@ def resolve(
 # ------------------------------------------------------------------ guards
 
 
+def run_whole(before: int, instance: Any, state: PrefixState, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
+    """``run_with_state``, refusing a result that a concurrent ``revert()`` may have mixed.
+
+    Args:
+        before: :func:`._registry.reverts` read at the call's entry, before the patch state.
+    """
+    result = run_with_state(state, wrapped, *args, **kwargs)
+    if reverts() != before:
+        raise PatchNotAppliedError(
+            f"bpp.revert() ran while this {type(instance).__name__} call with a prefix was in flight: some layers "
+            "may have run without the prefix, so the result was discarded. Call bpp.apply() and run it again."
+        )
+    return result
+
+
 def entry_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Entry guard of ``forward``: resolve and publish the call's prefix."""
+    before = reverts()  # read before the patch state (see run_whole)
     args, prefix = _take_prefix(args, kwargs)
     attachment = attachment_of(instance)
     if not is_applied():
@@ -199,11 +215,12 @@ def entry_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -
             return wrapped(*args, **kwargs)
         prefix = attachment.source
     state = resolve(instance, prefix, _input_batch(wrapped, args, kwargs))
-    return run_with_state(state, wrapped, *args, **kwargs)
+    return run_whole(before, instance, state, wrapped, args, kwargs)
 
 
 def entry_generate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Entry guard of ``generate``: one prefix computation per call, expanded to beams and returned sequences."""
+    before = reverts()  # read before the patch state (see run_whole)
     args, prefix = _take_prefix(args, kwargs)
     attachment = attachment_of(instance)
     if not is_applied():
@@ -225,7 +242,7 @@ def entry_generate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
     # One prefix computation per generate() call, none per decoding step.
     with torch.no_grad():
         state = resolve(instance, source, _input_batch(wrapped, args, kwargs), (1, beams, returned, beams * returned))
-    return run_with_state(state, wrapped, *args, **kwargs)
+    return run_whole(before, instance, state, wrapped, args, kwargs)
 
 
 def guard_targets(model_classes: list[type]) -> list[tuple[type, str, Callable]]:

@@ -120,8 +120,10 @@ def revert() -> None:
     applied.
     """
     with _registry.LOCK:
+        _registry.count_revert()  # before and after: see _guards.run_whole
         _registry.uninstall()
         _registry.set_status(False)
+        _registry.count_revert()
         for integration in list(_INTEGRATIONS.values()):
             if integration.on_revert is not None:
                 integration.on_revert()

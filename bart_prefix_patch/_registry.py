@@ -141,6 +141,19 @@ def original_if_patched(module_name: str, qualname: str) -> Any:
 class _Status:
     applied = False
     refusal: Optional[str] = None  # the gate's message when it refused the installed release
+    # Bumped at the start and the end of every revert(): a prefixed call that sees it change ran
+    # (partly) while the forks were being removed, so some of its layers may have run without the prefix.
+    reverts = 0
+
+
+def count_revert() -> None:
+    """Mark the start or the end of a revert (see :func:`reverts`). Called by the patcher only."""
+    _Status.reverts += 1
+
+
+def reverts() -> int:
+    """How many times a revert started or ended: read it before a call, compare after."""
+    return _Status.reverts
 
 
 def set_status(applied: bool, refusal: Optional[str] = None) -> None:

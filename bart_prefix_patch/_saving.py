@@ -18,7 +18,6 @@ Trainer hooks in :mod:`bart_prefix_patch.trainer` call it when resuming).
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import warnings
 from pathlib import Path
@@ -33,7 +32,7 @@ from ._guards import method_wrapper
 from ._models import modeling_module
 from .encoder import PrefixEncoder
 from .errors import PrefixError
-from .io import CONFIG_NAME, WEIGHTS_NAME, save_prefix
+from .io import CONFIG_NAME, WEIGHTS_NAME, load_into, save_prefix
 
 _IGNORE_ATTR = "_keys_to_ignore_on_save"
 
@@ -149,23 +148,15 @@ def restore_prefix(model: torch.nn.Module, directory: Union[str, os.PathLike]) -
         PrefixEncoder or ``directory`` holds no saved prefix.
 
     Raises:
-        PrefixError: The saved prefix has another shape (model dimensions,
-            sites, lengths or MLP width) than the attached one.
+        PrefixError: The saved files are damaged (the message names the file
+            and the problem), or the saved prefix has another shape (model
+            dimensions, sites, lengths or MLP width) than the attached one.
+            The attached encoder is then unchanged.
     """
     module = attached_module(model)
     if not isinstance(module, PrefixEncoder) or not has_saved_prefix(directory):
         return False
-    path = Path(directory)
-    saved = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    mine = module.config_dict()
-    fields = [key for key in mine if key != "dropout"]
-    different = {key: (saved.get(key), mine[key]) for key in fields if saved.get(key) != mine[key]}
-    if different:
-        details = ", ".join(f"{key}: saved {s!r}, attached {a!r}" for key, (s, a) in different.items())
-        raise PrefixError(f"the prefix in {path} does not fit the attached PrefixEncoder ({details})")
-    from safetensors.torch import load_file
-
-    module.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+    load_into(module, directory)
     return True
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from ._constants import SITES
 from ._models import core_of, model_dims, site_shape as _site_shape
 from .errors import PrefixError
-from .prefix import Prefix
+from .prefix import Prefix, execution_device
 
 PrefixLength = Union[int, Mapping[str, int]]
 
@@ -45,8 +45,14 @@ class _SitePrefix(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """``(P, layers * 2 * d_model)`` keys and values of every layer."""
-        values = self.flat if self.is_flat else self.mlp(self.embedding.weight)
-        return self.dropout(values)
+        if self.is_flat:
+            return self.dropout(self.flat)
+        rows = self.embedding.weight
+        if rows.device.type == "meta":
+            # Offloaded by accelerate (cpu_offload after attach): only calling the Embedding runs the hook
+            # that loads its weight; looking up every position gives the same rows.
+            rows = self.embedding(torch.arange(self.length, device=execution_device(self.embedding)))
+        return self.dropout(self.mlp(rows))
 
 
 class PrefixEncoder(nn.Module):

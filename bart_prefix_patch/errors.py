@@ -23,3 +23,36 @@ class UnsupportedTransformersError(BartPrefixPatchError, RuntimeError):
 
 class UnsupportedConfigurationError(BartPrefixPatchError, ValueError):
     """A prefix was combined with something it cannot run with (static cache, flash/flex attention, ...)."""
+
+
+class PrefixMisplacedError(BartPrefixPatchError, TypeError):
+    """A Prefix reached code that treats it as a cache object while the patch is applied.
+
+    Either the model class is not one this package patches (another
+    architecture), or the Prefix was passed where a cache goes in code below
+    a BART model's entry points (a layer or attention module called directly,
+    a ``Cache`` helper).
+    """
+
+
+class PrefixAttributeError(BartPrefixPatchError, AttributeError):
+    """An attribute a :class:`~bart_prefix_patch.Prefix` does not have was looked up.
+
+    An ``AttributeError``, so ``hasattr(prefix, name)`` is False and duck-typing
+    probes (accelerate's ``send_to_device`` asks for ``.to``) pass the Prefix
+    through untouched. The instances actually raised also derive from
+    :class:`PatchNotAppliedError` or :class:`PrefixMisplacedError`, whichever
+    names the cause, so stock code that uses the Prefix as a cache still fails
+    with that cause in the message.
+    """
+
+
+# The concrete classes Prefix.__getattr__ raises: an AttributeError (probes
+# stay False) that is also the error of the real cause (callers catching
+# PatchNotAppliedError or PrefixMisplacedError see it).
+class _NotAppliedAttributeError(PrefixAttributeError, PatchNotAppliedError):
+    pass
+
+
+class _MisplacedAttributeError(PrefixAttributeError, PrefixMisplacedError):
+    pass

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from ._architectures import ARCHITECTURES
 from ._constants import SITES
 from ._models import Stack, site_attention, site_layers, site_shape
-from ._registry import status_line
-from .errors import PatchNotAppliedError, PrefixError
+from ._registry import is_applied, status_line
+from .errors import (
+    PatchNotAppliedError,
+    PrefixError,
+    PrefixMisplacedError,
+    _MisplacedAttributeError,
+    _NotAppliedAttributeError,
+)
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
@@ -30,9 +38,13 @@ class Prefix:
     through the cast).
 
     A ``Prefix`` is deliberately not a cache: stock transformers code that
-    receives one (because the patch is not applied) fails with
-    :class:`~bart_prefix_patch.errors.PatchNotAppliedError` instead of
-    silently using it as a cache.
+    receives one fails instead of silently using it as a cache, with
+    :class:`~bart_prefix_patch.errors.PatchNotAppliedError` when the patch is
+    not applied and :class:`~bart_prefix_patch.errors.PrefixMisplacedError`
+    when it is (another model class, or a Prefix passed as a layer's cache).
+    Unknown attributes raise
+    :class:`~bart_prefix_patch.errors.PrefixAttributeError` (an
+    ``AttributeError``), so ``hasattr(prefix, "to")`` is False.
     """
 
     encoder: Optional[Sequence[KeyValue]] = None
@@ -70,28 +82,77 @@ class Prefix:
         return tuple(site for site in SITES if getattr(self, site) is not None)
 
     # Stock transformers code treats whatever it finds in ``past_key_values``
-    # as a cache. Make every such use fail loudly: a Prefix there means the
-    # patch is not active and the prefix would otherwise be dropped or misused.
+    # as a cache. Make every such use fail loudly: a Prefix there would
+    # otherwise be dropped or misused. Attribute lookups raise an
+    # AttributeError subclass, so hasattr() probes (accelerate's
+    # send_to_device asks for ``.to``) see "no such attribute" and pass the
+    # Prefix through; the Python protocols stock code uses next (indexing,
+    # iteration, len) keep failing with the cause.
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in SITES:
             raise AttributeError(name)
-        raise PatchNotAppliedError(_not_applied_message(f"Prefix.{name}"))
+        where = _caller()
+        cause, sentence = _misuse_cause(where)
+        error = _NotAppliedAttributeError if cause is PatchNotAppliedError else _MisplacedAttributeError
+        raise error(_misuse_message(f"Prefix.{name}", where, sentence))
 
     def __getitem__(self, index: Any) -> Any:
-        raise PatchNotAppliedError(_not_applied_message("Prefix[...]"))
+        raise _misuse_error("Prefix[...]", _caller())
 
     def __iter__(self):
-        raise PatchNotAppliedError(_not_applied_message("iter(Prefix)"))
+        raise _misuse_error("iter(Prefix)", _caller())
 
     def __len__(self) -> int:
-        raise PatchNotAppliedError(_not_applied_message("len(Prefix)"))
+        raise _misuse_error("len(Prefix)", _caller())
 
 
-def _not_applied_message(what: str) -> str:
-    return (
-        f"a bart_prefix_patch.Prefix reached unpatched transformers code ({what}): the prefix would be ignored "
-        f"or used as a cache. {status_line()}"
+_PATCHED_CLASSES = "the models, encoders and decoders of the supported model types"
+
+
+def _supported() -> str:
+    return ", ".join(sorted(ARCHITECTURES))
+
+
+def _misuse_cause(where: str) -> tuple[type, str]:
+    """The error class and the sentence naming why a Prefix reached ``where``."""
+    if not is_applied():
+        return PatchNotAppliedError, f"the patch is not active, so stock transformers code received it. {status_line()}"
+    fix = "pass it as prefix= to the forward() or generate() of a supported model"
+    parts = where.split(".")
+    supported_modules = {row.module for row in ARCHITECTURES.values()}
+    module = ".".join(parts[:4])
+    if where.startswith("transformers.models.") and len(parts) > 3 and module not in supported_modules:
+        return PrefixMisplacedError, (
+            f"unsupported model class: {parts[2]} is not patched (supported model types: {_supported()}); {fix}"
+        )
+    if module in supported_modules:
+        return PrefixMisplacedError, (
+            f"a Prefix where a cache object is expected: a {parts[2]} layer or attention module was called directly "
+            f"with it as its cache (only {_PATCHED_CLASSES} take a Prefix); {fix}"
+        )
+    return PrefixMisplacedError, (
+        "a Prefix where a cache object is expected: it was passed to code that is not one of the patched entry "
+        f"points ({_PATCHED_CLASSES}), e.g. another model class or a Cache helper; {fix}"
     )
+
+
+def _caller() -> str:
+    """``module.function`` of the code that used the Prefix (two frames up: past the dunder)."""
+    try:
+        frame = sys._getframe(2)
+    except ValueError:  # pragma: no cover - called from the top of a stack
+        return "?"
+    code = frame.f_code
+    return f"{frame.f_globals.get('__name__', '?')}.{getattr(code, 'co_qualname', code.co_name)}"
+
+
+def _misuse_message(what: str, where: str, sentence: str) -> str:
+    return f"a bart_prefix_patch.Prefix was used as a cache object ({what} in {where}): {sentence}"
+
+
+def _misuse_error(what: str, where: str) -> Exception:
+    cause, sentence = _misuse_cause(where)
+    return cause(_misuse_message(what, where, sentence))
 
 
 def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) -> dict[str, list[KeyValue]]:
@@ -99,7 +160,8 @@ def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) ->
 
     Args:
         prefix: The user's :class:`Prefix`.
-        core: The model part holding the layer stacks (:func:`._models.core_of`).
+        core: The ``BartModel`` (or a model with ``.encoder`` / ``.decoder``
+            layer stacks and a BART config).
         batch: The input batch size of the call, or ``None`` when unknown.
 
     Returns:
@@ -163,12 +225,42 @@ def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) ->
                 raise PrefixError(f"{where}: expected prefix_len >= 1 (dim 2), got {p}")
             if batch is not None and b not in (1, batch):
                 raise PrefixError(f"{where}: expected prefix batch 1 or the input batch {batch} (dim 0), got {b}")
-            weight = site_attention(layer, site).k_proj.weight
-            if key.device != weight.device or value.device != weight.device:
+            attention = site_attention(layer, site)
+            weight = attention.k_proj.weight
+            device = execution_device(attention.k_proj)
+            if key.device != device or value.device != device:
                 raise PrefixError(
-                    f"{where}: expected tensors on the model's device {weight.device}, got key on {key.device} "
+                    f"{where}: expected tensors on the model's device {device}, got key on {key.device} "
                     f"and value on {value.device}"
                 )
             out.append((key.to(weight.dtype), value.to(weight.dtype)))
         result[site] = out
     return result
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device ``module`` computes on: its weight's, or accelerate's for an offloaded module.
+
+    accelerate's ``cpu_offload``, ``dispatch_model`` and ``device_map`` loading
+    with offloading leave offloaded weights on the ``meta`` device and move them
+    to the hook's ``execution_device`` for each call; the prefix must already be
+    there (attention concatenates it with keys computed on that device).
+
+    Raises:
+        PrefixError: The weights are on ``meta`` and no accelerate hook says
+            where they run (a model built on ``meta`` and never loaded).
+    """
+    weight = module.weight
+    if weight.device.type != "meta":
+        return weight.device
+    hook = getattr(module, "_hf_hook", None)
+    # A SequentialHook holds several hooks; AlignDevicesHook is the one with the device.
+    for candidate in (hook, *getattr(hook, "hooks", ())):
+        device = getattr(candidate, "execution_device", None)
+        if device is not None:
+            return torch.device(device)  # an int is an index of the current accelerator (cuda:0, xpu:0, ...)
+    raise PrefixError(
+        f"expected the model's weights on a real device or offloaded by accelerate (cpu_offload, dispatch_model, "
+        f"device_map), got {type(module).__name__} weights on meta without an accelerate hook: load the weights "
+        "(e.g. from_pretrained, or model.to_empty() and load_state_dict) before running a prefix"
+    )

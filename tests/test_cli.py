@@ -248,3 +248,170 @@ def _config(model_dir):
     from transformers import BartConfig
 
     return BartConfig.from_pretrained(model_dir)
+
+
+# ------------------------------------------- bad arguments: one line, exit code 2
+
+
+def _no_traceback(argv, capsys) -> str:
+    """Exit code 2 and exactly one stderr line, with no traceback (main() returns or argparse exits)."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def saved_prefix(model_dir, tmp_path):
+    """A valid prefix folder (with run info pointing at the tiny model), and an input file."""
+    directory = tmp_path / "prefix"
+    bpp.save_prefix(bpp.PrefixEncoder(_config(model_dir), prefix_length=2, hidden_size=4), directory)
+    (directory / "prefix_training.json").write_text(json.dumps({"model": str(model_dir), "source_field": "src"}))
+    return directory
+
+
+GENERATE_ARGUMENTS = {
+    "--num-beams 0": (["--num-beams", "0"], "--num-beams 0: expected a positive integer"),
+    "--batch-size 0": (["--batch-size", "0"], "--batch-size 0: expected a positive integer"),
+    "--max-new-tokens 0": (["--max-new-tokens", "0"], "--max-new-tokens 0: expected a positive integer"),
+    "--max-source-length -3": (["--max-source-length", "-3"], "--max-source-length -3: expected a positive integer"),
+    "--num-beams x": (["--num-beams", "x"], "invalid int value: 'x'"),
+    "--device banana": (["--device", "banana"], "--device banana: not a torch device"),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERATE_ARGUMENTS))
+def test_generate_bad_arguments(case, saved_prefix, capsys):
+    extra, message = GENERATE_ARGUMENTS[case]
+    err = _no_traceback(["generate", "--prefix", str(saved_prefix), "--text", "w1", *extra], capsys)
+    assert message in err
+
+
+def test_generate_output_in_a_missing_directory(saved_prefix, tmp_path, capsys):
+    target = tmp_path / "missing" / "out.jsonl"
+    err = _no_traceback(["generate", "--prefix", str(saved_prefix), "--text", "w1", "--output", str(target)], capsys)
+    assert f"--output {target}: directory {target.parent} not found" in err
+    err = _no_traceback(["generate", "--prefix", str(saved_prefix), "--text", "w1", "--output", str(tmp_path)], capsys)
+    assert "is a directory" in err
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:40])
+
+
+def _pickle(path: Path) -> None:
+    torch.save({"x": torch.zeros(2)}, path)
+
+
+PREFIX_FAULTS = {
+    "weights truncated": ("prefix_model.safetensors", _truncate, "truncated"),
+    "weights empty": ("prefix_model.safetensors", lambda p: p.write_bytes(b""), "truncated"),
+    "weights a pickle": ("prefix_model.safetensors", _pickle, "a pickle (torch.save) file, not safetensors"),
+    "weights garbage": ("prefix_model.safetensors", lambda p: p.write_bytes(b"\x10" + b"\0" * 7 + b"not json!" * 2),
+                        "not a valid safetensors file"),
+    "config bad JSON": ("prefix_config.json", lambda p: p.write_text('{"format": 1,'), "invalid JSON"),
+    "config not UTF-8": ("prefix_config.json", lambda p: p.write_bytes(b'{"format": "\xff"}'), "not UTF-8"),
+    "config a list": ("prefix_config.json", lambda p: p.write_text("[1]"), "expected a JSON object, got list"),
+    "config disagrees with weights": (
+        "prefix_config.json",
+        lambda p: p.write_text(p.read_text().replace('"hidden_size": 4', '"hidden_size": 5')),
+        "config and weights disagree: prefixes.encoder.mlp.0.weight has shape (4, 32), prefix_config.json implies (5",
+        "prefix_model.safetensors",  # the message names the weights file and the config it disagrees with
+    ),
+    "run info bad JSON": ("prefix_training.json", lambda p: p.write_text("{"), "invalid JSON"),
+    "run info wrong type": ("prefix_training.json", lambda p: p.write_text('{"model": 3}'), "field 'model' must be str"),
+}
+
+
+@pytest.mark.parametrize("fault", list(PREFIX_FAULTS))
+def test_generate_damaged_prefix_folder(fault, saved_prefix, capsys):
+    name, damage, message, *named = PREFIX_FAULTS[fault]
+    damage(saved_prefix / name)
+    err = _no_traceback(["generate", "--prefix", str(saved_prefix), "--text", "w1"], capsys)
+    assert message in err and str(saved_prefix / (named[0] if named else name)) in err, err
+
+
+def test_generate_prefix_of_another_model(saved_prefix, model_dir, tmp_path, capsys):
+    config = _config(model_dir)
+    config.decoder_layers = 1
+    bpp.save_prefix(bpp.PrefixEncoder(config, prefix_length=2, hidden_size=None), saved_prefix)
+    err = _no_traceback(["generate", "--prefix", str(saved_prefix), "--text", "w1"], capsys)
+    assert "decoder_layers: model 2, prefix 1" in err and "prefix_config.json" in err
+
+
+TRAIN_ARGUMENTS = {
+    "--lr -1": (["--lr", "-1"], "--lr -1.0: expected a positive learning rate"),
+    "--lr nan": (["--lr", "nan"], "--lr nan: expected a positive learning rate"),
+    "--dropout 2": (["--dropout", "2"], "--dropout 2.0: expected a probability in [0, 1)"),
+    "--hidden-size -1": (["--hidden-size", "-1"], "--hidden-size -1: expected 0 or a positive integer"),
+    "--num-beams 0": (["--num-beams", "0"], "--num-beams 0: expected a positive integer"),
+    "--device banana": (["--device", "banana"], "--device banana: not a torch device"),
+    "--device meta": (["--device", "meta"], "--device meta: the meta device holds no data"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_ARGUMENTS))
+def test_train_bad_arguments(case, model_dir, tmp_path, capsys):
+    extra, message = TRAIN_ARGUMENTS[case]
+    train = _write_jsonl(tmp_path / "train.jsonl", _pairs(2, seed=1))
+    err = _no_traceback(
+        ["train", "--model", str(model_dir), "--train", str(train), "--output", str(tmp_path / "o"), *extra], capsys
+    )
+    assert message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_device_cuda_without_cuda(model_dir, tmp_path, capsys):
+    train = _write_jsonl(tmp_path / "train.jsonl", _pairs(2, seed=1))
+    err = _no_traceback(
+        ["train", "--model", str(model_dir), "--train", str(train), "--output", str(tmp_path / "o"), "--device", "cuda"],
+        capsys,
+    )
+    assert "--device cuda: not usable here" in err and "--device cpu" in err
+
+
+def test_train_file_not_utf8(model_dir, tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b'{"src": "w1", "tgt": "ok"}\n{"src": "caf\xe9", "tgt": "ok"}\n')
+    err = _no_traceback(["train", "--model", str(model_dir), "--train", str(train), "--output", str(tmp_path / "o")],
+                        capsys)
+    assert f"{train}:2: not UTF-8 text (byte 0xe9" in err
+
+
+def test_train_file_with_byte_order_mark_is_read(tmp_path):
+    from bart_prefix_patch._cli import read_jsonl
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes('\ufeff{"src": "w1", "tgt": "ok"}\n'.encode("utf-8"))
+    assert read_jsonl(str(path), ("src", "tgt"), "--train") == [{"src": "w1", "tgt": "ok"}]
+
+
+def test_argparse_errors_are_one_line(capsys):
+    err = _no_traceback(["generate", "--prefix", "p", "--num-beams", "two"], capsys)
+    assert "--num-beams" in err and "(see --help)" in err
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "generate"])
+def test_help_shows_every_default(command, capsys):
+    import argparse
+
+    from bart_prefix_patch._cli import add_commands
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    sub = parser._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if not action.option_strings or action.required or action.nargs == 0:
+            continue
+        help_text = " ".join(sub._get_formatter()._expand_help(action).split())
+        assert "default" in help_text, (action.option_strings, help_text)
+        assert help_text in text
+        if action.default is not None:
+            assert str(action.default) in help_text or "default:" in help_text
