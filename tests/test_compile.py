@@ -50,7 +50,7 @@ def stock_counts():
 
 def test_forward_without_prefix_has_stock_graph_breaks(stock_counts):
     patched = _counts(patched=True)
-    assert stock_counts["forward"] == 0
+    # Stock is 0 on 5.x; 4.52 logs inside forward (3 breaks), which the patch must not add to.
     assert patched["forward"] == stock_counts["forward"], patched["reasons"]
     assert patched["generate"] == stock_counts["generate"]
 
