@@ -26,6 +26,7 @@ from .errors import (
     PrefixError,
     PrefixMisplacedError,
     UnsupportedConfigurationError,
+    UnsupportedModelError,
     UnsupportedTransformersError,
 )
 from .io import load_prefix, save_prefix
@@ -57,6 +58,7 @@ __all__ = [
     "PrefixMisplacedError",
     "PrefixAttributeError",
     "UnsupportedConfigurationError",
+    "UnsupportedModelError",
     "UnsupportedTransformersError",
     "PeftIntegrationWarning",
     "peft_prefix",

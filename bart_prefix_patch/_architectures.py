@@ -82,6 +82,17 @@ ARCHITECTURES: dict[str, Architecture] = {
     row.model_type: row
     for row in (
         Architecture("bart", "transformers.models.bart.modeling_bart", "Bart"),
+        Architecture("mbart", "transformers.models.mbart.modeling_mbart", "MBart"),
+        Architecture("marian", "transformers.models.marian.modeling_marian", "Marian",
+                     seq2seq_head="MarianMTModel", positions="MarianSinusoidalPositionalEmbedding"),
+        Architecture("pegasus", "transformers.models.pegasus.modeling_pegasus", "Pegasus",
+                     positions="PegasusSinusoidalPositionalEmbedding"),
+        Architecture("plbart", "transformers.models.plbart.modeling_plbart", "PLBart"),
+        Architecture("blenderbot", "transformers.models.blenderbot.modeling_blenderbot", "Blenderbot"),
+        Architecture("blenderbot-small", "transformers.models.blenderbot_small.modeling_blenderbot_small",
+                     "BlenderbotSmall"),
+        Architecture("m2m_100", "transformers.models.m2m_100.modeling_m2m_100", "M2M100",
+                     positions="M2M100SinusoidalPositionalEmbedding"),
     )
 }
 

@@ -12,7 +12,7 @@ import torch
 from ._architectures import ARCHITECTURES
 from ._constants import ATTACHED_NAME
 from ._models import architecture_of, core_of, is_seq2seq_core
-from ._registry import is_applied, status_line
+from ._registry import is_applied, model_refusal, status_line
 from .errors import PatchNotAppliedError, PrefixError
 from .prefix import Prefix, validate_prefix
 
@@ -129,7 +129,10 @@ def attach(
     """
     if not is_applied():
         raise PatchNotAppliedError(f"attach() needs the patch: {status_line()}")
-    core = core_of(model) if architecture_of(model) is not None else None
+    row = architecture_of(model)
+    if row is not None and model_refusal(row.model_type):
+        raise PatchNotAppliedError(f"attach() cannot prefix {type(model).__name__}: {model_refusal(row.model_type)}")
+    core = core_of(model) if row is not None else None
     if not is_seq2seq_core(core):
         raise PrefixError(
             f"attach() expected a BART model or a supported relative with an encoder and a decoder "

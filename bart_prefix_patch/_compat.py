@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any, Callable, Optional
 
 from . import _fingerprint
-from ._architectures import fingerprinted
+from ._architectures import ARCHITECTURES, fingerprinted
 
 TABLE_PATH = Path(__file__).with_name("_fingerprint_table.json")
 
@@ -39,7 +39,21 @@ SUPPORTED_RANGE = "4.44.0 - 5.24.x"
 
 @dataclass
 class GateResult:
-    """Outcome of the version gate."""
+    """Outcome of the version gate.
+
+    Attributes:
+        version: The installed transformers version.
+        family: The shape family of the matching table entry.
+        release: The release whose fingerprints matched.
+        fork: The fork module (None: nothing is patched).
+        message: What was decided, in a sentence.
+        mismatched: Functions whose fingerprints differ from the closest table entry.
+        models: ``config.model_type`` -> None when that model is patched, else
+            why it is not (its code drifted, or the release does not have it).
+            Each model is gated on its own.
+        drifted: The refused models whose code exists but differs from the
+            table (a subset of ``models``), model type -> why.
+    """
 
     version: str
     family: Optional[str] = None
@@ -47,11 +61,18 @@ class GateResult:
     fork: Optional[ModuleType] = None
     message: str = ""
     mismatched: list[str] = field(default_factory=list)
+    models: dict[str, Optional[str]] = field(default_factory=dict)
+    drifted: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        """Whether a fork was selected."""
+        """Whether a fork was selected (for at least one model)."""
         return self.fork is not None
+
+    @property
+    def patched_models(self) -> list[str]:
+        """The model types whose forks are installed."""
+        return [model for model, refusal in self.models.items() if refusal is None] if self.ok else []
 
 
 def load_table() -> dict[str, Any]:
@@ -63,8 +84,20 @@ def load_table() -> dict[str, Any]:
         return {"keys": [], "sets": {}, "releases": {}}
 
 
+def _row_keys(keys) -> dict[str, list[str]]:
+    """Model type -> its fingerprint keys among ``keys`` (the rest belong to shared upstream code)."""
+    return {
+        row.model_type: [key for key in keys if key.split(":")[0] == row.module] for row in ARCHITECTURES.values()
+    }
+
+
 def check(original: Optional[Callable[[str, str], Any]] = None) -> GateResult:
-    """Fingerprint the installed transformers and select a fork.
+    """Fingerprint the installed transformers and select a fork, model by model.
+
+    The shared upstream code (cache, generation, masks) must match a table
+    entry for anything to be patched; among the entries it matches, the one
+    under which most models' code matches is chosen, and each model whose own
+    functions differ from that entry is refused alone (the others are patched).
 
     Args:
         original: Lookup of saved originals (see
@@ -75,9 +108,27 @@ def check(original: Optional[Callable[[str, str], Any]] = None) -> GateResult:
     version = transformers.__version__
     table = load_table()
     installed = _fingerprint.installed_fingerprints(fingerprinted(), original)
-    relevant = {key: installed.get(key, "missing") for key in table["keys"]}
-    matches = [set_id for set_id, entry in table["sets"].items() if entry["fingerprints"] == relevant]
-    if not matches:
+    row_keys = _row_keys(installed)
+    owned = {key for keys in row_keys.values() for key in keys}
+    shared = [key for key in installed if key not in owned]
+    present = {model for model, keys in row_keys.items() if any(installed[k] != "missing" for k in keys)}
+
+    def matching_models(entry: dict[str, str]) -> set[str]:
+        return {m for m in present if all(entry.get(k) == installed[k] for k in row_keys[m])}
+
+    candidates = [
+        set_id for set_id, entry in table["sets"].items()
+        if all(entry["fingerprints"].get(k, "missing") == installed[k] for k in shared)
+    ]
+    scored = sorted(
+        candidates,
+        key=lambda set_id: (len(matching_models(table["sets"][set_id]["fingerprints"])),
+                            table["releases"].get(version) == set_id),
+        reverse=True,
+    )
+    chosen = scored[0] if scored and matching_models(table["sets"][scored[0]]["fingerprints"]) else None
+    if chosen is None:
+        relevant = {key: installed.get(key, "missing") for key in table["keys"]}
         closest = table["releases"].get(version) or _closest_set(table, relevant)
         known = table["sets"][closest]["fingerprints"] if closest else {}
         mismatched = sorted(k for k, v in known.items() if relevant.get(k) != v)
@@ -91,8 +142,25 @@ def check(original: Optional[Callable[[str, str], Any]] = None) -> GateResult:
                 "(pip install 'transformers>=4.44,<5.25'), or see docs/adding-a-transformers-version.md."
             ),
         )
-    family = table["sets"][matches[0]]["family"]
-    releases = [r for r, s in table["releases"].items() if s == matches[0]]
+    entry = table["sets"][chosen]["fingerprints"]
+    accepted = matching_models(entry)
+    models: dict[str, Optional[str]] = {}
+    drifted: dict[str, str] = {}
+    mismatched = []
+    for model in row_keys:
+        if model in accepted:
+            models[model] = None
+        elif model not in present:
+            models[model] = f"transformers {version} has no {model} model"
+        else:
+            differing = sorted(k for k in row_keys[model] if entry.get(k) != installed[k])
+            mismatched += differing
+            models[model] = drifted[model] = (
+                f"its code in transformers {version} differs from every release in the fingerprint table "
+                f"(differing functions: {', '.join(differing)})"
+            )
+    family = table["sets"][chosen]["family"]
+    releases = [r for r, s in table["releases"].items() if s == chosen]
     release = version if version in releases else (releases[-1] if releases else None)
     try:
         fork = importlib.import_module(f".forks.{FORK_MODULES[family]}", __package__) if family in FORK_MODULES else None
@@ -108,7 +176,10 @@ def check(original: Optional[Callable[[str, str], Any]] = None) -> GateResult:
                 f"supported: {SUPPORTED_RANGE}. Nothing was patched."
             ),
         )
-    return GateResult(version, family=family, release=release, fork=fork, message=f"family {family}, fork {fork.__name__}")
+    return GateResult(
+        version, family=family, release=release, fork=fork, message=f"family {family}, fork {fork.__name__}",
+        mismatched=mismatched, models=models, drifted=drifted,
+    )
 
 
 def _closest_set(table: dict[str, Any], relevant: dict[str, str]) -> Optional[str]:

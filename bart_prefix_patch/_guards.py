@@ -29,10 +29,11 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ._attach import any_attached, attachment_of, call_source
-from ._models import attention_modules, core_of, stacks
-from ._registry import is_applied, reverts, status_line
+from ._architectures import ARCHITECTURES
+from ._models import architecture_of, attention_modules, core_of, stacks
+from ._registry import is_applied, model_refusal, reverts, status_line
 from ._state import PrefixState, active_state, ensure_checkpoint_binding, prefixed_call_in_flight, run_with_state
-from .errors import PatchNotAppliedError, PrefixError, UnsupportedConfigurationError
+from .errors import PatchNotAppliedError, PrefixError, UnsupportedConfigurationError, UnsupportedModelError
 from .prefix import Prefix, validate_prefix
 
 _CACHE_NAMES = ("cache", "past_key_values")
@@ -166,6 +167,10 @@ def resolve(
 ) -> PrefixState:
     """Turn a Prefix (or the module producing one) into a call's state."""
     attachment = attachment_of(instance)
+    row = architecture_of(instance)
+    refusal = model_refusal(row.model_type) if row is not None else None
+    if refusal:
+        raise PatchNotAppliedError(f"a prefix was given to {type(instance).__name__}: {refusal}")
     core = (attachment.core() if attachment else None) or core_of(instance)
     if core is None:
         raise PrefixError(f"expected a supported model, encoder or decoder, got {type(instance).__name__}")
@@ -261,3 +266,57 @@ def _generates(cls: type) -> bool:
         return bool(cls.can_generate())  # transformers' own answer (4.x gives every model a generate())
     except Exception:  # pragma: no cover - a class whose can_generate needs an instance
         return False
+
+
+# ------------------------------------------------- models outside the table
+
+
+def _unsupported(instance: Any, where: str) -> str:
+    model_type = getattr(getattr(instance, "config", None), "model_type", None)
+    return (
+        f"a prefix was given to {type(instance).__name__}{where} (model type {model_type!r}), which bart_prefix_patch "
+        f"does not support: its attention would ignore the prefix. Supported model types: "
+        f"{', '.join(sorted(ARCHITECTURES))} (docs/supported-models.md)"
+    )
+
+
+def _carries_prefix(kwargs: dict) -> bool:
+    return "prefix" in kwargs or any(isinstance(kwargs.get(name), Prefix) for name in _CACHE_NAMES)
+
+
+def _refuse_unsupported_call(original: Callable) -> Callable:
+    """``PreTrainedModel.__call__`` that refuses a prefix given to a model outside the table.
+
+    Stock 5.x forwards take ``**kwargs`` and would silently drop ``prefix=``.
+    A supported model's own entry guard takes the prefix out of the call
+    before the stock code runs, so this only ever sees the others. It costs
+    one dictionary lookup per model call and traces under torch.compile.
+    """
+
+    @functools.wraps(original)
+    def __call__(self, *args, **kwargs):
+        if _carries_prefix(kwargs) and architecture_of(self) is None:
+            raise UnsupportedModelError(_unsupported(self, ""))
+        return original(self, *args, **kwargs)
+
+    return __call__
+
+
+def _refuse_unsupported_generate(original: Callable) -> Callable:
+    """``GenerationMixin.generate`` that refuses a prefix for a model outside the table."""
+
+    @functools.wraps(original)
+    def generate(self, *args, **kwargs):
+        if _carries_prefix(kwargs) and architecture_of(self) is None:
+            raise UnsupportedModelError(_unsupported(self, ".generate()"))
+        return original(self, *args, **kwargs)
+
+    return generate
+
+
+def refusal_targets() -> list[tuple[type, str, Callable[[Callable], Callable]]]:
+    """``(class, attribute, make)`` of the guards that refuse prefixes for every model outside the table."""
+    from transformers import PreTrainedModel
+    from transformers.generation.utils import GenerationMixin
+
+    return [(PreTrainedModel, "__call__", _refuse_unsupported_call), (GenerationMixin, "generate", _refuse_unsupported_generate)]

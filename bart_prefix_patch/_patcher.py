@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from . import _compat, _registry
 from ._architectures import ARCHITECTURES
-from ._guards import guard_targets, method_wrapper
+from ._guards import guard_targets, method_wrapper, refusal_targets
 from ._models import head_classes, modeling_module
 from .errors import UnsupportedTransformersError
 
@@ -85,10 +85,24 @@ def apply(strict: bool = False, peft: Optional[bool] = None) -> bool:
     return applied
 
 
-def _install_guards() -> None:
+def _present_rows() -> list:
+    """The table rows whose modeling module this transformers release has."""
+    rows = []
     for row in ARCHITECTURES.values():
+        try:
+            modeling_module(row)
+        except ImportError:
+            continue
+        rows.append(row)
+    return rows
+
+
+def _install_guards() -> None:
+    for row in _present_rows():
         for owner, attr, guard in guard_targets(head_classes(row, modeling_module(row))):
             _registry.install("guards", owner, attr, method_wrapper(guard), permanent=True)
+    for owner, attr, make in refusal_targets():
+        _registry.install("guards", owner, attr, make, permanent=True)
 
 
 def _apply(strict: bool) -> bool:
@@ -104,10 +118,18 @@ def _apply(strict: bool) -> bool:
                 raise UnsupportedTransformersError(_GATE.message)
             warnings.warn(_GATE.message, RuntimeWarning, stacklevel=3)
             return False
-        for row in ARCHITECTURES.values():
-            for owner, attr, wrapper in _GATE.fork.patches(modeling_module(row), row.prefix):
-                _registry.install("forks", owner, attr, method_wrapper(wrapper))
-        _registry.set_status(True)
+        refused = {model: reason for model, reason in _GATE.models.items() if reason is not None}
+        if strict and _GATE.drifted:
+            raise UnsupportedTransformersError(
+                "; ".join(f"bart_prefix_patch: {model} is not patched: {why}" for model, why in _GATE.drifted.items())
+            )
+        for row in _present_rows():
+            if row.model_type not in refused:
+                for owner, attr, wrapper in _GATE.fork.patches(modeling_module(row), row.prefix):
+                    _registry.install("forks", owner, attr, method_wrapper(wrapper))
+        _registry.set_status(True, models=refused)
+        for model, why in _GATE.drifted.items():  # drifted code, not merely absent from this release
+            warnings.warn(f"bart_prefix_patch: {model} is not patched (the other models are): {why}", RuntimeWarning, stacklevel=3)
         return True
 
 

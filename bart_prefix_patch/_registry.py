@@ -141,6 +141,7 @@ def original_if_patched(module_name: str, qualname: str) -> Any:
 class _Status:
     applied = False
     refusal: Optional[str] = None  # the gate's message when it refused the installed release
+    models: dict[str, str] = {}  # model type -> why the gate refused that model alone
     # Bumped at the start and the end of every revert(): a prefixed call that sees it change ran
     # (partly) while the forks were being removed, so some of its layers may have run without the prefix.
     reverts = 0
@@ -156,9 +157,15 @@ def reverts() -> int:
     return _Status.reverts
 
 
-def set_status(applied: bool, refusal: Optional[str] = None) -> None:
-    """Record whether the patch is applied (and why not). Called by the patcher only."""
-    _Status.applied, _Status.refusal = applied, refusal
+def set_status(applied: bool, refusal: Optional[str] = None, models: Optional[dict[str, str]] = None) -> None:
+    """Record whether the patch is applied (and why not; ``models``: the models refused alone). Patcher only."""
+    _Status.applied, _Status.refusal, _Status.models = applied, refusal, dict(models or {})
+
+
+def model_refusal(model_type: str) -> Optional[str]:
+    """Why the patch does not cover ``model_type`` although it is applied (None: it does)."""
+    reason = _Status.models.get(model_type)
+    return f"bart_prefix_patch does not patch {model_type}: {reason}" if reason else None
 
 
 def is_applied() -> bool:

@@ -139,26 +139,48 @@ class PrefixEncoder(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_tokens(
-        cls, model: nn.Module, input_ids: torch.Tensor, sites: Sequence[str] = SITES, dropout: float = 0.0
+        cls,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        sites: Sequence[str] = SITES,
+        dropout: float = 0.0,
+        decoder_input_ids: Optional[torch.Tensor] = None,
     ) -> "PrefixEncoder":
         """A flat prefix initialised with the keys/values the frozen model computes for real text.
 
         Li & Liang (and the original code) found that initialising the prefix
         with activations of real words matters in low-data training. The
         encoder and cross sites take the projections of ``input_ids`` run
-        through the encoder, the decoder site those of ``input_ids`` run
-        through the decoder; the prefix length is the number of tokens.
+        through the encoder, the decoder site those of ``decoder_input_ids``
+        (default: ``input_ids``) run through the decoder; each site's prefix
+        length is the number of its tokens.
 
         Args:
-            model: A BART model (any head containing a ``BartModel``).
-            input_ids: ``(1, P)`` or ``(P,)`` token ids.
+            model: A supported encoder-decoder model (any head containing the bare model).
+            input_ids: ``(1, P)`` or ``(P,)`` token ids of the encoder vocabulary.
             sites: Sites to initialise.
             dropout: Dropout of the returned encoder.
+            decoder_input_ids: Token ids of the decoder vocabulary, for models
+                whose decoder has its own (Marian's ``decoder_vocab_size``).
+
+        Raises:
+            PrefixError: Not a supported encoder-decoder model, or ids outside a vocabulary.
         """
         core = core_of(model)
-        if core is None or not hasattr(core, "encoder"):
-            raise PrefixError(f"from_tokens: expected a BART model, got {type(model).__name__}")
-        ids = input_ids.reshape(1, -1).to(core.encoder.embed_tokens.weight.device)
+        if core is None or not hasattr(core, "encoder") or not hasattr(core, "decoder"):
+            raise PrefixError(f"from_tokens: expected a supported encoder-decoder model, got {type(model).__name__}")
+        device = core.encoder.embed_tokens.weight.device
+        ids = input_ids.reshape(1, -1).to(device)
+        decoder_ids = (ids if decoder_input_ids is None else decoder_input_ids).reshape(1, -1).to(device)
+        for name, tensor, stack in (("input_ids", ids, core.encoder), ("decoder_input_ids", decoder_ids, core.decoder)):
+            vocabulary = stack.embed_tokens.num_embeddings
+            if tensor.numel() == 0 or tensor.min() < 0 or tensor.max() >= vocabulary:
+                hint = " (pass decoder_input_ids= in the decoder's vocabulary)" if name == "decoder_input_ids" and decoder_input_ids is None else ""
+                raise PrefixError(
+                    f"from_tokens: expected {name} in [0, {vocabulary}) (the {'encoder' if stack is core.encoder else 'decoder'}"
+                    f" vocabulary), got {tensor.numel()} ids in [{tensor.min().item() if tensor.numel() else '-'}, "
+                    f"{tensor.max().item() if tensor.numel() else '-'}]{hint}"
+                )
         captured: dict[tuple[str, int, str], torch.Tensor] = {}
         hooks = []
         for site in sites:
@@ -174,14 +196,15 @@ class PrefixEncoder(nn.Module):
         was_training = core.training
         core.eval()
         try:
-            core(input_ids=ids, decoder_input_ids=ids, use_cache=False)
+            core(input_ids=ids, decoder_input_ids=decoder_ids, use_cache=False)
         finally:
             for hook in hooks:
                 hook.remove()
             core.train(was_training)
-        length = ids.shape[1]
-        encoder = cls(core.config, length, sites, hidden_size=None, dropout=dropout)
+        lengths = {site: (decoder_ids if site == "decoder" else ids).shape[1] for site in sites}
+        encoder = cls(core.config, lengths, sites, hidden_size=None, dropout=dropout)
         for site in sites:
+            length = lengths[site]
             layers = _site_shape(core.config, site)[0]
             # Per layer [k ; v], each (P, d_model): the layout forward() reads back.
             rows = [

@@ -13,6 +13,10 @@ class PrefixError(BartPrefixPatchError, ValueError):
     """A prefix does not fit the model or the call (shape, layers, heads, batch, device)."""
 
 
+class UnsupportedModelError(PrefixError):
+    """A prefix was given to a model this package does not support (its attention would ignore it)."""
+
+
 class PatchNotAppliedError(BartPrefixPatchError, RuntimeError):
     """A prefix was given while the patch is not applied (reverted or refused by the version gate)."""
 

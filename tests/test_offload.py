@@ -66,19 +66,21 @@ def test_protocols_still_fail_loudly(use):
 
 
 def test_unsupported_model_class_is_named():
-    from transformers import MBartConfig, MBartForConditionalGeneration
+    from transformers import T5Config, T5ForConditionalGeneration
 
-    config = MBartConfig(
-        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
-    )
+    config = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2)
     torch.manual_seed(0)
-    model = MBartForConditionalGeneration(config).eval()
+    model = T5ForConditionalGeneration(config).eval()
     ids = torch.randint(3, 60, (1, 4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # past_key_values -> cache rename on 5.x
-        with pytest.raises(bpp.PrefixMisplacedError, match=r"unsupported model class: mbart"):
-            model(ids, decoder_input_ids=ids, past_key_values=bpp.Prefix())
+        for kwargs in ({"past_key_values": bpp.Prefix()}, {"prefix": bpp.Prefix()}):
+            with pytest.raises(bpp.UnsupportedModelError, match=r"T5ForConditionalGeneration.*'t5'.*Supported model types: bart"):
+                model(ids, decoder_input_ids=ids, **kwargs)
+        with pytest.raises(bpp.UnsupportedModelError, match=r"generate\(\).*Supported model types"):
+            model.generate(ids, prefix=bpp.Prefix(), max_new_tokens=2)
+        with pytest.raises(bpp.PrefixError, match=r"model types: bart"):
+            bpp.attach(model, bpp.Prefix())
 
 
 def test_prefix_as_a_layer_cache_is_named():

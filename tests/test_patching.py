@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from conftest import make_prefix, source_batch, target_batch
+from reference import tiny_model
 from transformers.models.bart import modeling_bart
 
 import bart_prefix_patch as bpp
@@ -109,7 +110,10 @@ def test_model_built_before_import_is_covered():
     assert result.stdout.strip().endswith("ok")
 
 
-def test_altered_upstream_function_is_detected(monkeypatch):
+def test_altered_model_function_refuses_that_model_alone(monkeypatch):
+    """Each model is gated on its own: BART's drifted attention refuses BART, the relatives stay patched."""
+    from transformers.models.marian import modeling_marian
+
     bpp.revert()
 
     def forward(self, hidden_states, key_value_states=None, cache=None, attention_mask=None, **kwargs):
@@ -118,11 +122,41 @@ def test_altered_upstream_function_is_detected(monkeypatch):
     monkeypatch.setattr(modeling_bart.BartAttention, "forward", forward)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        assert bpp.apply() is True
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("bart is not patched" in m and "BartAttention.forward" in m for m in messages), messages
+    assert modeling_bart.BartAttention.__dict__["forward"] is forward  # left unpatched
+    assert modeling_marian.MarianAttention.__dict__["forward"] is not bpp.get_original(modeling_marian.MarianAttention, "forward")
+    assert bpp.gate().models["bart"] is not None and bpp.gate().models["marian"] is None
+    model = tiny_model(seed=0)
+    with pytest.raises(bpp.PatchNotAppliedError, match="does not patch bart"):
+        model(torch.tensor([[5, 6]]), decoder_input_ids=torch.tensor([[2]]), prefix=make_prefix(model.config))
+    with pytest.raises(bpp.PatchNotAppliedError, match="does not patch bart"):
+        bpp.attach(model, make_prefix(model.config))
+    bpp.revert()
+    with pytest.raises(bpp.UnsupportedTransformersError, match="bart"):
+        bpp.apply(strict=True)
+    monkeypatch.undo()
+    bpp.revert()
+    assert bpp.apply(strict=True)
+    assert bpp.gate().models["bart"] is None
+
+
+def test_altered_shared_function_refuses_everything(monkeypatch):
+    from transformers.cache_utils import EncoderDecoderCache
+
+    bpp.revert()
+
+    def reorder_cache(self, beam_idx):
+        raise AssertionError("a changed upstream reorder")
+
+    monkeypatch.setattr(EncoderDecoderCache, "reorder_cache", reorder_cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert bpp.apply() is False
     assert not bpp.is_applied()
     message = str(caught[-1].message)
-    assert "BartAttention.forward" in message and "supported" in message
-    assert modeling_bart.BartAttention.__dict__["forward"] is forward  # left unpatched
+    assert "EncoderDecoderCache.reorder_cache" in message and "supported" in message
     with pytest.raises(bpp.UnsupportedTransformersError):
         bpp.apply(strict=True)
     monkeypatch.undo()

@@ -20,19 +20,37 @@ _SHIFT_HOOKS: list[tuple[weakref.ref, Any]] = []  # (embed_positions module, hoo
 _SHIFTS: contextvars.ContextVar[dict] = contextvars.ContextVar("bart_prefix_position_shift", default={})
 
 
+#: The name of the "tokens already cached" argument of positional embeddings across releases.
+_LENGTH_NAMES = ("cache_length", "past_key_values_length", "past_key_value_length")
+
+
+def _length_argument(module: torch.nn.Module) -> tuple[str, int]:
+    """The name and positional index (``self`` excluded) of the cached-length argument, found by name."""
+    names = list(inspect.signature(module.forward).parameters)
+    for name in _LENGTH_NAMES:
+        if name in names:
+            return name, names.index(name)
+    raise TypeError(
+        f"{type(module).__name__}.forward{inspect.signature(module.forward)} has none of {_LENGTH_NAMES}: "
+        "cannot shift its positions"
+    )
+
+
 def _shift_hook(module: torch.nn.Module, args: tuple, kwargs: dict):
     shift = _SHIFTS.get().get(id(module))
     if not shift:
         return None
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = kwargs["position_ids"] + shift
-    elif len(args) >= 2:
-        args = (args[0], args[1] + shift, *args[2:])
+        return args, kwargs
+    # BART passes (input_ids, length), M2M100 (input_ids, inputs_embeds, length): find it by name.
+    name, index = _length_argument(module)
+    if len(args) > index:
+        args = (*args[:index], args[index] + shift, *args[index + 1:])
     else:
-        names = list(inspect.signature(module.forward).parameters)
-        name = names[1] if len(names) > 1 else "past_key_values_length"
         kwargs[name] = kwargs.get(name, 0) + shift
     return args, kwargs
+
 
 @contextlib.contextmanager
 def positions_shifted(core: Any, shift: int):

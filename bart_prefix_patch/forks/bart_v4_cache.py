@@ -316,14 +316,19 @@ def patches(module: ModuleType, prefix: str) -> list[tuple[type, str, Callable]]
         prefix: Its class-name prefix (e.g. ``"Bart"``).
     """
     attention = getattr(module, f"{prefix}Attention")
-    sdpa = getattr(module, f"{prefix}SdpaAttention", None)
-    if sdpa is not None:  # family B: one attention class per implementation
-        flash = getattr(module, f"{prefix}FlashAttention2", None)
-        found = [
-            (attention, "forward", attention_wrapper(eager_forward)),
-            (sdpa, "forward", attention_wrapper(functools.partial(sdpa_forward, logger=module.logger))),
+    if not hasattr(module, "eager_attention_forward"):
+        # Family B: one attention class per implementation, each with its own forward (models
+        # without sdpa or flash support on this release have only the eager class).
+        forks = {
+            "Attention": eager_forward,
+            "SdpaAttention": functools.partial(sdpa_forward, logger=module.logger),
+            "FlashAttention2": flash_forward,
+        }
+        return [
+            (getattr(module, prefix + suffix), "forward", attention_wrapper(fork))
+            for suffix, fork in forks.items()
+            if hasattr(module, prefix + suffix)
         ]
-        return found + ([(flash, "forward", attention_wrapper(flash_forward))] if flash is not None else [])
     upstream = _Upstream(
         returns_cache=_upstream_returns_cache(attention),
         eager_attention_forward=module.eager_attention_forward,
