@@ -150,6 +150,48 @@ def _input_batch(wrapped: Callable, args: tuple, kwargs: dict) -> Optional[int]:
     return None
 
 
+def _cross_cache_length(cache: Any) -> Optional[int]:
+    """Keys held by the first layer's cross-attention cache (legacy tuples or ``EncoderDecoderCache``), or None."""
+    cross = getattr(cache, "cross_attention_cache", None)
+    if cross is not None:
+        try:
+            return int(cross.get_seq_length(0)) or None
+        except (TypeError, AttributeError, IndexError):
+            return None
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and len(cache[0]) == 4:
+        return cache[0][2].shape[2]
+    return None
+
+
+def _refuse_prefixed_cache(instance: Any, wrapped: Callable, args: tuple, kwargs: dict) -> None:
+    """Refuse a cache holding a cross-attention prefix when the call gives no prefix.
+
+    Manual decoding reuses the cache a prefixed call returned; it holds
+    ``[cross prefix ; encoder]`` but not the self-attention prefix, and the
+    masks need the prefix columns: without the prefix the result is wrong.
+    A cross cache longer than the encoder output can only hold a prefix.
+    """
+    cache = next((kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None), None)
+    if cache is None:
+        return
+    cached = _cross_cache_length(cache)
+    if cached is None:
+        return
+    bound = _bound_arguments(wrapped, args, kwargs)
+    encoder = bound.get("encoder_outputs", bound.get("encoder_hidden_states"))
+    if encoder is not None and not isinstance(encoder, torch.Tensor):
+        encoder = encoder[0] if len(encoder) else None
+    source = encoder if isinstance(encoder, torch.Tensor) else bound.get("input_ids", bound.get("inputs_embeds"))
+    if not isinstance(source, torch.Tensor) or source.dim() < 2:
+        return
+    if cached > source.shape[1]:
+        raise PrefixError(
+            f"the cache passed to {type(instance).__name__} holds a cross-attention prefix ({cached} cached keys for "
+            f"{source.shape[1]} encoder positions) but the call gives no prefix: pass the same prefix= again when "
+            "reusing a cache returned by a prefixed call"
+        )
+
+
 def _check_attention_implementation(core: Any) -> None:
     implementation = getattr(core.config, "_attn_implementation", "eager") or "eager"
     if implementation not in ("eager", "sdpa"):
@@ -179,7 +221,7 @@ def resolve(
     pairs = validate_prefix(prefix, core, batch)
     slices = {}
     for site, site_pairs in pairs.items():
-        slices.update(zip(attention_modules(core, site), site_pairs))
+        slices.update((module, pair) for module, pair in zip(attention_modules(core, site), site_pairs) if pair is not None)
     ensure_checkpoint_binding(m for stack in stacks(core) for m in (stack, *stack.layers))
     owners = [instance, *stacks(core)] + ([core] if isinstance(core, torch.nn.Module) else [])
     return PrefixState(slices, batch, expansions, owners)
@@ -217,6 +259,7 @@ def entry_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -
         if state is not None and state.covers(instance):
             return wrapped(*args, **kwargs)  # nested in a call that already resolved the prefix
         if attachment is None:
+            _refuse_prefixed_cache(instance, wrapped, args, kwargs)
             return wrapped(*args, **kwargs)
         prefix = attachment.source
     state = resolve(instance, prefix, _input_batch(wrapped, args, kwargs))

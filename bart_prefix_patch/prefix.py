@@ -165,8 +165,10 @@ def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) ->
         batch: The input batch size of the call, or ``None`` when unknown.
 
     Returns:
-        Site name -> list of ``(key, value)`` pairs, cast to the dtype of the
-        matching attention projections.
+        Site name -> list of ``(key, value)`` pairs (one per layer; None for a
+        layer whose prefix has length 0), cast to the dtype of the matching
+        attention projections. Sites that are None or empty sequences are left
+        out (the empty-site rule).
 
     Raises:
         PrefixError: On any mismatch, naming expected and given values.
@@ -179,8 +181,8 @@ def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) ->
     result: dict[str, list[KeyValue]] = {}
     for site in SITES:
         pairs = getattr(prefix, site)
-        if pairs is None:
-            continue
+        if pairs is None or (isinstance(pairs, Sequence) and not isinstance(pairs, torch.Tensor) and len(pairs) == 0):
+            continue  # the empty-site rule: None and an empty sequence both mean "no prefix at this site"
         layers = site_layers(core, site)
         if layers is None:
             if isinstance(core, Stack) and not core.standalone:
@@ -221,8 +223,6 @@ def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) ->
                 raise PrefixError(f"{where}: expected {heads} heads (dim 1), got {h} (shape {tuple(key.shape)})")
             if d != head_dim:
                 raise PrefixError(f"{where}: expected head_dim {head_dim} (dim 3), got {d} (shape {tuple(key.shape)})")
-            if p < 1:
-                raise PrefixError(f"{where}: expected prefix_len >= 1 (dim 2), got {p}")
             if batch is not None and b not in (1, batch):
                 raise PrefixError(f"{where}: expected prefix batch 1 or the input batch {batch} (dim 0), got {b}")
             attention = site_attention(layer, site)
@@ -233,7 +233,8 @@ def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) ->
                     f"{where}: expected tensors on the model's device {device}, got key on {key.device} "
                     f"and value on {value.device}"
                 )
-            out.append((key.to(weight.dtype), value.to(weight.dtype)))
+            # A layer whose prefix has length 0 follows the empty-site rule: no prefix in that layer.
+            out.append((key.to(weight.dtype), value.to(weight.dtype)) if p else None)
         result[site] = out
     return result
 
