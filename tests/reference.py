@@ -1,4 +1,4 @@
-"""Independent plain-PyTorch reference for BART with prefix-tuning.
+"""Independent plain-PyTorch reference for BART (and its relatives) with prefix-tuning.
 
 This module is the test oracle for ``bart_prefix_patch``.  It re-derives the
 whole BART forward pass (post-LayerNorm encoder/decoder, learned positions
@@ -14,6 +14,30 @@ key/value pairs at three sites:
   encoder padding mask only applies to the encoder part.
 
 Decoder positions are always ``0..T-1`` whatever the prefix length.
+
+BART's relatives (mBART, Marian, Pegasus, PLBart, Blenderbot, BlenderbotSmall,
+M2M100/NLLB) share the attention and prefix mechanics and differ only in the
+switches of :class:`ModelSpec`, looked up by ``config.model_type`` in
+:data:`MODEL_SPECS` and cross-checked against the state_dict's keys:
+
+* ``pre_ln``: LayerNorm before each sub-layer (residual stream left
+  un-normalised) instead of after the residual add;
+* ``final_layer_norm``: ``encoder.layer_norm`` / ``decoder.layer_norm`` after
+  the last layer;
+* ``layernorm_embedding``: ``{stack}.layernorm_embedding`` after the token +
+  position sum, or (``"tokens"``, BlenderbotSmall's decoder) on the scaled
+  token embeddings only, before the positions are added;
+* ``positions``: ``"learned"`` (table rows ``offset + t``), ``"sinusoidal"``
+  (Marian/Pegasus: a fixed sin|cos table, row ``t``) or ``"m2m100"`` (fairseq
+  sinusoids, row ``padding_idx + #non-pad tokens up to t`` for real tokens and
+  the all-zero row ``padding_idx`` for pad tokens: positions depend on the pad
+  tokens in the ids, not on the attention mask);
+* embedding scaling by ``sqrt(d_model)`` follows ``config.scale_embedding``;
+* the head is ``lm_head.weight`` (Marian: ``decoder_vocab_size`` rows) plus
+  ``final_logits_bias`` when the state_dict has one (M2M100 has none).
+
+With a prefix, the M2M100 rule is applied to the real decoder ids only: the
+prefix length never moves a token's position, as for every other model.
 
 It deliberately never calls the model's modules (no ``encoder(...)`` or
 ``layer(...)``): only parameters/buffers are read, through ``state_dict``, so
@@ -44,13 +68,88 @@ __all__ = [
     "tiny_config",
     "tiny_model",
     "random_prefix",
+    "ModelSpec",
+    "MODEL_SPECS",
+    "model_spec",
+    "marian_sinusoids",
+    "m2m100_sinusoids",
+    "m2m100_position_ids",
 ]
 
-# nn.LayerNorm's default; BART never overrides it.
+# nn.LayerNorm's default; neither BART nor any relative overrides it.
 _LN_EPS = 1e-5
-# BartLearnedPositionalEmbedding reserves two rows (fairseq legacy).
-_POS_OFFSET = 2
 _SITES = ("encoder", "decoder", "cross")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What differs between BART and a relative (see the module docstring).
+
+    Attributes:
+        pre_ln: LayerNorm before each sub-layer (mBART, Pegasus, Blenderbot, M2M100).
+        final_layer_norm: ``{stack}.layer_norm`` after the last layer.
+        layernorm_embedding: Per stack: None (absent), ``"sum"`` (after adding
+            positions) or ``"tokens"`` (on token embeddings, before positions).
+        positions: ``"learned"``, ``"sinusoidal"`` or ``"m2m100"``.
+        position_offset: Rows of a learned table before position 0.
+        decoder_unscaled_since: First ``(major, minor)`` transformers release
+            whose decoder ignores ``scale_embedding`` (None: never).
+    """
+
+    pre_ln: bool
+    final_layer_norm: bool
+    layernorm_embedding: tuple  # (encoder, decoder)
+    positions: str
+    position_offset: int = 0
+    decoder_unscaled_since: tuple | None = None
+
+
+_SUM = ("sum", "sum")
+_NONE = (None, None)
+
+#: ``config.model_type`` -> switches.  NLLB (dense) checkpoints are ``m2m_100``.
+MODEL_SPECS = {
+    # BartLearnedPositionalEmbedding (and mBART's, PLBart's) reserves two rows (fairseq legacy).
+    "bart": ModelSpec(
+        pre_ln=False, final_layer_norm=False, layernorm_embedding=_SUM, positions="learned", position_offset=2
+    ),
+    "plbart": ModelSpec(
+        pre_ln=False, final_layer_norm=False, layernorm_embedding=_SUM, positions="learned", position_offset=2
+    ),
+    "mbart": ModelSpec(
+        pre_ln=True, final_layer_norm=True, layernorm_embedding=_SUM, positions="learned", position_offset=2
+    ),
+    "marian": ModelSpec(pre_ln=False, final_layer_norm=False, layernorm_embedding=_NONE, positions="sinusoidal"),
+    "pegasus": ModelSpec(pre_ln=True, final_layer_norm=True, layernorm_embedding=_NONE, positions="sinusoidal"),
+    "blenderbot": ModelSpec(pre_ln=True, final_layer_norm=True, layernorm_embedding=_NONE, positions="learned"),
+    # From transformers 4.52 on, BlenderbotSmallDecoder no longer multiplies its token
+    # embeddings by embed_scale (its encoder still does).  The decoder's
+    # layernorm_embedding follows at once, so this only shows through the
+    # LayerNorm epsilon (~1e-4 on the tiny models), but the oracle is exact.
+    "blenderbot-small": ModelSpec(
+        pre_ln=False,
+        final_layer_norm=False,
+        layernorm_embedding=("sum", "tokens"),
+        positions="learned",
+        decoder_unscaled_since=(4, 52),
+    ),
+    "m2m_100": ModelSpec(pre_ln=True, final_layer_norm=True, layernorm_embedding=_NONE, positions="m2m100"),
+}
+
+
+_TRANSFORMERS_VERSION = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+
+
+def model_spec(config) -> ModelSpec:
+    """The switches for ``config.model_type``.
+
+    Raises:
+        TypeError: For a model type the reference does not know.
+    """
+    spec = MODEL_SPECS.get(getattr(config, "model_type", None))
+    if spec is None:
+        raise TypeError(f"reference: unsupported model_type {getattr(config, 'model_type', None)!r}")
+    return spec
 
 
 # --------------------------------------------------------------------------
@@ -60,18 +159,20 @@ _SITES = ("encoder", "decoder", "cross")
 
 @dataclass
 class _Weights:
-    """Weights of one BART model, cast to the reference dtype.
+    """Weights of one BART(-family) model, cast to the reference dtype.
 
     Attributes:
         config: The model config.
-        tensors: Parameter/buffer name (relative to the ``BartModel``) to tensor.
-        lm_head: LM head weight, or None for a bare ``BartModel``.
-        final_logits_bias: ``(1, vocab)`` bias, or None for a bare ``BartModel``.
+        spec: The model type's switches.
+        tensors: Parameter/buffer name (relative to the base model) to tensor.
+        lm_head: LM head weight, or None for a bare base model.
+        final_logits_bias: ``(1, vocab)`` bias, or None (bare model, or M2M100).
         dtype: Computation dtype.
         device: Device of the weights.
     """
 
     config: Any
+    spec: ModelSpec
     tensors: dict
     lm_head: torch.Tensor | None
     final_logits_bias: torch.Tensor | None
@@ -86,18 +187,39 @@ class _Weights:
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
 
+def _check_spec(spec: ModelSpec, tensors: dict, model_type: str) -> None:
+    """Fails loudly if the state_dict's layout contradicts the spec table."""
+    expected = {
+        "encoder.layer_norm.weight": spec.final_layer_norm,
+        "decoder.layer_norm.weight": spec.final_layer_norm,
+        "encoder.layernorm_embedding.weight": spec.layernorm_embedding[0] is not None,
+        "decoder.layernorm_embedding.weight": spec.layernorm_embedding[1] is not None,
+    }
+    if spec.positions == "learned":
+        expected["encoder.embed_positions.weight"] = True
+        expected["decoder.embed_positions.weight"] = True
+    for key, present in expected.items():
+        if (key in tensors) != present:
+            raise TypeError(
+                f"reference: {model_type} spec says {key} is {'present' if present else 'absent'}, "
+                "the state_dict disagrees"
+            )
+
+
 def _extract_weights(model: torch.nn.Module, dtype: torch.dtype) -> _Weights:
-    """Reads a BartForConditionalGeneration or BartModel's weights.
+    """Reads a seq2seq head's or bare base model's weights.
 
     Args:
-        model: ``BartForConditionalGeneration`` or ``BartModel``.
+        model: e.g. ``BartForConditionalGeneration``/``BartModel``, ``MarianMTModel``,
+            ``M2M100ForConditionalGeneration`` (any type in :data:`MODEL_SPECS`).
         dtype: Target floating dtype.
 
     Returns:
         The weights, detached and cast to ``dtype``.
     """
+    spec = model_spec(model.config)
     state = model.state_dict()
-    # A BartForConditionalGeneration nests the BartModel under "model.".
+    # A ...ForConditionalGeneration nests the base model under "model.".
     base = "model." if any(k.startswith("model.encoder.") for k in state) else ""
     if not any(k.startswith(base + "encoder.") for k in state):
         raise TypeError(f"{type(model).__name__} does not look like a BART model (no encoder weights)")
@@ -109,18 +231,22 @@ def _extract_weights(model: torch.nn.Module, dtype: torch.dtype) -> _Weights:
         key = f"{stack}.embed_tokens.weight"
         if key not in tensors:
             tensors[key] = tensors["shared.weight"]
+    _check_spec(spec, tensors, model.config.model_type)
 
     lm_head = final_logits_bias = None
     if base:
         head = state.get("lm_head.weight")
         if head is None:
-            head = state[base + "shared.weight"]
+            # Tied head: the decoder's input table (Marian's may be its own,
+            # decoder_vocab_size rows, when embeddings are not shared).
+            head = tensors["decoder.embed_tokens.weight"]
         lm_head = head.detach().to(dtype)
         bias = state.get("final_logits_bias")
         if bias is not None:
             final_logits_bias = bias.detach().to(dtype)
-    device = tensors["encoder.embed_positions.weight"].device
-    return _Weights(model.config, tensors, lm_head, final_logits_bias, dtype, device)
+    anchor = "encoder.embed_positions.weight"
+    device = tensors[anchor if anchor in tensors else "encoder.embed_tokens.weight"].device
+    return _Weights(model.config, spec, tensors, lm_head, final_logits_bias, dtype, device)
 
 
 # --------------------------------------------------------------------------
@@ -232,16 +358,76 @@ def _attention(
     return _linear(out, p, "out_proj")
 
 
-def _embed(w: _Weights, stack: str, ids: torch.Tensor) -> torch.Tensor:
-    """Token embedding * embed_scale + learned position, then layernorm_embedding."""
-    cfg = w.config
-    scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
-    tokens = F.embedding(ids, w[f"{stack}.embed_tokens.weight"]) * scale
+def marian_sinusoids(num_positions: int, dim: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Marian/Pegasus' fixed table: ``sin`` features in the first half, ``cos`` in the second.
+
+    Row ``p``, feature pair ``j``: angle ``p / 10000 ** (2 j / dim)``.
+    """
+    pos = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    j = torch.arange(dim, dtype=torch.float64)
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+    sentinel = dim // 2 if dim % 2 == 0 else dim // 2 + 1
+    out = torch.empty(num_positions, dim, dtype=torch.float64)
+    out[:, :sentinel] = torch.sin(angle[:, 0::2])
+    out[:, sentinel:] = torch.cos(angle[:, 1::2])
+    return out.to(dtype)
+
+
+def m2m100_sinusoids(num_positions: int, dim: int, padding_idx: int | None, dtype: torch.dtype = torch.float64):
+    """M2M100's (fairseq/tensor2tensor) table: ``[sin | cos]``, row ``padding_idx`` zero."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float64) * -(math.log(10000) / (half - 1)))
+    angle = torch.arange(num_positions, dtype=torch.float64)[:, None] * freq[None]
+    out = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+    if dim % 2 == 1:
+        out = torch.cat([out, torch.zeros(num_positions, 1, dtype=torch.float64)], dim=1)
+    if padding_idx is not None:
+        out[padding_idx] = 0
+    return out.to(dtype)
+
+
+def m2m100_position_ids(ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """fairseq ``make_positions``: pads -> ``padding_idx``; the k-th non-pad token -> ``padding_idx + k``."""
+    real = (ids != padding_idx).long()
+    return torch.cumsum(real, dim=1) * real + padding_idx
+
+
+def _position_embeddings(w: _Weights, stack: str, ids: torch.Tensor) -> torch.Tensor:
+    """``(B or 1, T, d)`` position embeddings of ``ids`` (positions never depend on a prefix)."""
+    spec, cfg = w.spec, w.config
+    length = ids.shape[1]
+    if spec.positions == "m2m100":
+        pad = cfg.pad_token_id
+        position_ids = m2m100_position_ids(ids, pad)
+        rows = max(int(position_ids.max()) + 1, pad + 1) if length else pad + 1
+        table = m2m100_sinusoids(rows, cfg.d_model, pad, w.dtype).to(w.device)
+        return F.embedding(position_ids, table)
     # Positions restart at 0 for every sequence; in particular the decoder's
     # do not shift by the prefix length.
-    positions = torch.arange(ids.shape[1], device=ids.device) + _POS_OFFSET
-    hidden = tokens + F.embedding(positions, w[f"{stack}.embed_positions.weight"])[None]
-    return _layer_norm(hidden, w.tensors, f"{stack}.layernorm_embedding")
+    positions = torch.arange(length, device=ids.device) + spec.position_offset
+    key = f"{stack}.embed_positions.weight"
+    if key in w.tensors:
+        table = w[key]
+    else:  # a sinusoidal table that a release keeps out of the state_dict
+        table = marian_sinusoids(length, cfg.d_model, w.dtype).to(w.device)
+    return F.embedding(positions, table)[None]
+
+
+def _embed(w: _Weights, stack: str, ids: torch.Tensor) -> torch.Tensor:
+    """Token embedding * embed_scale + position, with ``layernorm_embedding`` where the model has one."""
+    cfg, spec = w.config, w.spec
+    scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+    if stack == "decoder" and spec.decoder_unscaled_since and _TRANSFORMERS_VERSION >= spec.decoder_unscaled_since:
+        scale = 1.0
+    tokens = F.embedding(ids, w[f"{stack}.embed_tokens.weight"]) * scale
+    positions = _position_embeddings(w, stack, ids)
+    where = spec.layernorm_embedding[0 if stack == "encoder" else 1]
+    if where == "tokens":
+        return _layer_norm(tokens, w.tensors, f"{stack}.layernorm_embedding") + positions
+    hidden = tokens + positions
+    if where == "sum":
+        hidden = _layer_norm(hidden, w.tensors, f"{stack}.layernorm_embedding")
+    return hidden
 
 
 def _ffn(h: torch.Tensor, p: dict, act) -> torch.Tensor:
@@ -274,13 +460,21 @@ def _encode(w: _Weights, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     # downstream), exactly as the stock bidirectional mask does.
     allowed = enc_mask[:, None, :].expand(bsz, src_len, src_len)
 
+    pre_ln = w.spec.pre_ln
     h = _embed(w, "encoder", input_ids)
     for i in range(cfg.encoder_layers):
         p = w.sub(f"encoder.layers.{i}.")
         pkv = _prefix_pair(prefix, "encoder", i, cfg.encoder_layers, bsz, heads, head_dim, w)
-        attn = _attention(h, h, w.sub(f"encoder.layers.{i}.self_attn."), heads, allowed, pkv)
-        h = _layer_norm(h + attn, p, "self_attn_layer_norm")
-        h = _layer_norm(h + _ffn(h, p, act), p, "final_layer_norm")
+        if pre_ln:
+            x = _layer_norm(h, p, "self_attn_layer_norm")
+            h = h + _attention(x, x, w.sub(f"encoder.layers.{i}.self_attn."), heads, allowed, pkv)
+            h = h + _ffn(_layer_norm(h, p, "final_layer_norm"), p, act)
+        else:
+            attn = _attention(h, h, w.sub(f"encoder.layers.{i}.self_attn."), heads, allowed, pkv)
+            h = _layer_norm(h + attn, p, "self_attn_layer_norm")
+            h = _layer_norm(h + _ffn(h, p, act), p, "final_layer_norm")
+    if w.spec.final_layer_norm:
+        h = _layer_norm(h, w.tensors, "encoder.layer_norm")
     return h, enc_mask
 
 
@@ -308,18 +502,28 @@ def _decode(
     self_allowed = causal[None] & dec_mask[:, None, :]
     cross_allowed = enc_mask[:, None, :].expand(bsz, tgt_len, src_len)
 
+    pre_ln = w.spec.pre_ln
     h = _embed(w, "decoder", decoder_input_ids)
     for i in range(cfg.decoder_layers):
         p = w.sub(f"decoder.layers.{i}.")
         self_kv = _prefix_pair(prefix, "decoder", i, cfg.decoder_layers, bsz, heads, head_dim, w)
-        attn = _attention(h, h, w.sub(f"decoder.layers.{i}.self_attn."), heads, self_allowed, self_kv)
-        h = _layer_norm(h + attn, p, "self_attn_layer_norm")
         cross_kv = _prefix_pair(prefix, "cross", i, cfg.decoder_layers, bsz, heads, head_dim, w)
-        attn = _attention(
-            h, encoder_hidden, w.sub(f"decoder.layers.{i}.encoder_attn."), heads, cross_allowed, cross_kv
-        )
-        h = _layer_norm(h + attn, p, "encoder_attn_layer_norm")
-        h = _layer_norm(h + _ffn(h, p, act), p, "final_layer_norm")
+        self_p = w.sub(f"decoder.layers.{i}.self_attn.")
+        cross_p = w.sub(f"decoder.layers.{i}.encoder_attn.")
+        if pre_ln:
+            x = _layer_norm(h, p, "self_attn_layer_norm")
+            h = h + _attention(x, x, self_p, heads, self_allowed, self_kv)
+            x = _layer_norm(h, p, "encoder_attn_layer_norm")
+            h = h + _attention(x, encoder_hidden, cross_p, heads, cross_allowed, cross_kv)
+            h = h + _ffn(_layer_norm(h, p, "final_layer_norm"), p, act)
+        else:
+            attn = _attention(h, h, self_p, heads, self_allowed, self_kv)
+            h = _layer_norm(h + attn, p, "self_attn_layer_norm")
+            attn = _attention(h, encoder_hidden, cross_p, heads, cross_allowed, cross_kv)
+            h = _layer_norm(h + attn, p, "encoder_attn_layer_norm")
+            h = _layer_norm(h + _ffn(h, p, act), p, "final_layer_norm")
+    if w.spec.final_layer_norm:
+        h = _layer_norm(h, w.tensors, "decoder.layer_norm")
 
     if w.lm_head is None:
         return h
@@ -630,7 +834,8 @@ def random_prefix(
     whether or not the other sites are requested.
 
     Args:
-        config: A ``BartConfig``.
+        config: A ``BartConfig`` or any relative's config (``encoder_layers``,
+            ``decoder_layers``, ``encoder_attention_heads``, ``decoder_attention_heads``, ``d_model``).
         batch: Leading dimension of every key/value (1 broadcasts).
         enc_len: Prefix length at the encoder self-attention.
         dec_len: Prefix length at the decoder self-attention.
