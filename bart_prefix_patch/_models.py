@@ -112,7 +112,13 @@ def stacks(core: Any) -> list[torch.nn.Module]:
 
 
 def site_layers(core: Any, site: str) -> Optional[list]:
-    """The layers of the stack a site belongs to, or None when the core has no such stack."""
+    """The layers of the stack a site belongs to, or None when the core has no such stack.
+
+    A decoder-only language model has decoder layers with cross-attention
+    modules, but no encoder to attend to: it has no cross site.
+    """
+    if site == "cross" and isinstance(core, Stack) and not core.standalone:
+        return None
     stack = getattr(core, "encoder" if site == "encoder" else "decoder", None)
     return None if stack is None else list(stack.layers)
 

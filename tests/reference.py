@@ -122,7 +122,7 @@ MODEL_SPECS = {
     "marian": ModelSpec(pre_ln=False, final_layer_norm=False, layernorm_embedding=_NONE, positions="sinusoidal"),
     "pegasus": ModelSpec(pre_ln=True, final_layer_norm=True, layernorm_embedding=_NONE, positions="sinusoidal"),
     "blenderbot": ModelSpec(pre_ln=True, final_layer_norm=True, layernorm_embedding=_NONE, positions="learned"),
-    # From transformers 4.52 on, BlenderbotSmallDecoder no longer multiplies its token
+    # From transformers 4.53 on, BlenderbotSmallDecoder no longer multiplies its token
     # embeddings by embed_scale (its encoder still does).  The decoder's
     # layernorm_embedding follows at once, so this only shows through the
     # LayerNorm epsilon (~1e-4 on the tiny models), but the oracle is exact.
@@ -131,7 +131,7 @@ MODEL_SPECS = {
         final_layer_norm=False,
         layernorm_embedding=("sum", "tokens"),
         positions="learned",
-        decoder_unscaled_since=(4, 52),
+        decoder_unscaled_since=(4, 53),
     ),
     "m2m_100": ModelSpec(pre_ln=True, final_layer_norm=True, layernorm_embedding=_NONE, positions="m2m100"),
 }
