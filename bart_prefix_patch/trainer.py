@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import sys
 import warnings
@@ -33,13 +34,15 @@ import wrapt
 
 from . import _patcher, _registry
 from ._attach import attach
-from ._saving import attached_module, has_saved_prefix, ignored_on_save, prefix_keys, restore_prefix, unwrap
-from .io import load_prefix
+from ._saving import attached_module, has_saved_prefix, prefix_keys, restore_prefix
+from .io import WEIGHTS_NAME, load_prefix
 from .tuning import declare_mean_loss
 
 __all__ = ["install_trainer_hooks", "load_prefix_tuned", "prepare_for_training", "restore_prefix"]
 
 _OWNER = "trainer"
+#: Says where a restored prefix came from (INFO, like the Trainer's own "Loading model from ...").
+logger = logging.getLogger(__name__)
 
 
 def _resume_hook(original: Callable) -> Callable:
@@ -61,10 +64,10 @@ def _resume_hook(original: Callable) -> Callable:
                     stacklevel=2,
                 )
             return original(self, *args, **kwargs)
-        # The prefix keys are missing from model.safetensors by design: tell the Trainer they are expected.
-        with ignored_on_save(_unwrapped(self.model), prefix_keys(model)):
+        with _prefix_keys_expected(self, prefix_keys(model)):
             result = original(self, *args, **kwargs)
         restore_prefix(model, directory)
+        _log_restored(model, directory, "resuming")
         return result
 
     return _load_from_checkpoint
@@ -79,16 +82,70 @@ def _best_model_hook(original: Callable) -> Callable:
         model = self.model
         if directory is None or attached_module(model) is None or not has_saved_prefix(directory):
             return original(self, *args, **kwargs)
-        with ignored_on_save(_unwrapped(model), prefix_keys(model)):
+        with _prefix_keys_expected(self, prefix_keys(model)):
             result = original(self, *args, **kwargs)
         restore_prefix(model, directory)
+        _log_restored(model, directory, "loading the best model")
         return result
 
     return _load_best_model
 
 
-def _unwrapped(model: Any) -> Any:
-    return unwrap(model)
+class _prefix_keys_expected:
+    """Context manager: the Trainer's missing-key report leaves out the attached prefix's keys.
+
+    ``model.safetensors`` never holds the ``bpp_prefix.*`` keys (they are saved
+    beside it and restored right after the stock load), so reporting them as
+    missing is false. Stock ``Trainer._issue_warnings_after_load`` stays
+    silent only when the missing keys *equal* ``_keys_to_ignore_on_save``; on
+    BART they never do, because the three tied embedding keys
+    (``model.encoder.embed_tokens.weight``, ``model.decoder.embed_tokens.weight``,
+    ``lm_head.weight``) are missing from every checkpoint too (transformers
+    issue 29128; 4.57 and 5.x alike), so marking the prefix keys as ignored
+    was not enough. This wraps the report on the Trainer instance, for the
+    duration of the load only, and hands stock code the load result without
+    the prefix keys: it then says exactly what it says without the plugin.
+    """
+
+    _NAME = "_issue_warnings_after_load"
+
+    def __init__(self, trainer: Any, keys: set[str]):
+        self.trainer, self.keys = trainer, keys
+
+    def __enter__(self):
+        own = self.trainer.__dict__
+        self.had_own, self.previous = self._NAME in own, own.get(self._NAME)
+        report = getattr(self.trainer, self._NAME, None)
+        if report is None:  # pragma: no cover - a release without the report: nothing to filter
+            return self
+        keys = self.keys
+
+        def without_prefix_keys(load_result: Any, *args, **kwargs):
+            missing = getattr(load_result, "missing_keys", None)
+            if missing and hasattr(load_result, "_replace"):
+                # "module." / "_orig_mod." in front when the Trainer loads into a wrapped model.
+                kept = [key for key in missing if not any(key == k or key.endswith("." + k) for k in keys)]
+                load_result = load_result._replace(missing_keys=kept)
+            return report(load_result, *args, **kwargs)
+
+        own[self._NAME] = without_prefix_keys
+        return self
+
+    def __exit__(self, *exc):
+        own = self.trainer.__dict__
+        if self.had_own:
+            own[self._NAME] = self.previous
+        else:
+            own.pop(self._NAME, None)
+        return False
+
+
+def _log_restored(model: Any, directory: Any, when: str) -> None:
+    logger.info(
+        "%s: restored the attached prefix (%d tensors, bpp_prefix.*) from %s; the checkpoint's model weights "
+        "hold the base model only, by design (docs/training.md)",
+        when, len(prefix_keys(model)), os.path.join(os.fspath(directory), WEIGHTS_NAME),
+    )
 
 
 _HOOKS = {"_load_from_checkpoint": _resume_hook, "_load_best_model": _best_model_hook}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import source_batch, target_batch
+from conftest import make_prefix, source_batch, target_batch
 from reference import reference_greedy, reference_logits, reference_sequence_logprob, tiny_model
 
 import bart_prefix_patch as bpp
@@ -47,9 +47,14 @@ def _integration_on():
     bpp.apply(strict=True, peft=True)
 
 
-def make_peft(config="tiny", attn="eager", projection=False, scale=2.0, seed=0):
-    """A tiny BART wrapped by get_peft_model with a random (non-zero) prefix-tuning adapter."""
+def make_peft(config="tiny", attn="eager", projection=False, scale=2.0, seed=0, prepare=None):
+    """A tiny BART wrapped by get_peft_model with a random (non-zero) prefix-tuning adapter.
+
+    ``prepare(base)`` runs on the base model before ``get_peft_model`` (e.g. to attach a prefix).
+    """
     base = tiny_model(seed=seed, attn_implementation=attn, **CONFIGS[config])
+    if prepare is not None:
+        prepare(base)
     peft_config = PrefixTuningConfig(
         task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P, prefix_projection=projection, encoder_hidden_size=24
     )
@@ -256,6 +261,169 @@ def test_generate_requires_input_ids_like_peft():
     model = make_peft()
     with pytest.raises(ValueError, match="input_ids must be provided"):
         model.generate(inputs_embeds=torch.zeros(1, 3, 32))
+
+
+# ---------------------------------------- your own prefix next to the adapter
+
+
+def composed(adapter, user):
+    """docs/peft.md, "Your own prefix": per site and layer, ``[adapter ; user]`` along the prefix length."""
+    sites = {}
+    for site in ("encoder", "decoder", "cross"):
+        ours, theirs = getattr(adapter, site), getattr(user, site)
+        if ours is None or theirs is None:
+            sites[site] = theirs if ours is None else ours
+            continue
+        sites[site] = [
+            tuple(torch.cat([a.expand(u.shape[0], -1, -1, -1), u], dim=2) for a, u in zip(pair, user_pair))
+            for pair, user_pair in zip(ours, theirs)
+        ]
+    return bpp.Prefix(**sites)
+
+
+#: How the user's prefix reaches the PeftModel's call.
+GIVEN = ["prefix=", "past_key_values=", "attached_before_get_peft_model", "attached_after", "module_attached_before"]
+
+
+def with_user_prefix(how, attn="eager", batch=1):
+    """``(peft model, the user's Prefix, extra call kwargs)`` for one way of giving it."""
+    made = {}
+
+    def prepare(base):
+        made["user"] = make_prefix(base.config, batch=batch, enc_len=2, dec_len=3, cross_len=2, seed=5, scale=2.0)
+        if how == "attached_before_get_peft_model":
+            bpp.attach(base, made["user"])
+        elif how == "module_attached_before":
+            encoder = bpp.add_prefix_tuning(base, prefix_length=3, hidden_size=8)
+            with torch.no_grad():
+                for parameter in encoder.parameters():
+                    parameter.normal_(0, 1.0, generator=torch.Generator().manual_seed(parameter.numel()))
+
+    model = make_peft(attn=attn, prepare=prepare)
+    base = model.get_base_model()
+    if how == "attached_after":
+        bpp.attach(base, made["user"])
+    if how == "module_attached_before":
+        with torch.no_grad():
+            made["user"] = bpp.attached(base)()
+    kwargs = {"prefix=": {"prefix": made["user"]}, "past_key_values=": {"past_key_values": made["user"]}}.get(how, {})
+    return model, made["user"], kwargs
+
+
+@pytest.mark.parametrize("how", GIVEN)
+def test_user_prefix_composes_with_the_adapter_in_forward(how):
+    model, user, kwargs = with_user_prefix(how)
+    base = model.get_base_model()
+    ids, mask = source_batch(base.config, pad_last=2)
+    dec = target_batch(base.config)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, **kwargs)
+    want = reference_logits(base, ids, dec, attention_mask=mask, prefix=composed(expected_prefix(model), user))
+    torch.testing.assert_close(out.logits.double(), want, atol=1e-4, rtol=0)
+    adapter_only = reference_logits(base, ids, dec, attention_mask=mask, prefix=expected_prefix(model))
+    assert (want - adapter_only).abs().max() > 1e-2, "the user's prefix must count (it was silently dropped)"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("how", GIVEN)
+def test_user_prefix_composes_with_the_adapter_in_generate(how, attn):
+    model, user, kwargs = with_user_prefix(how, attn)
+    base = model.get_base_model()
+    ids, mask = source_batch(base.config, pad_last=2)
+    got = _greedy(model, ids, mask, **kwargs)
+    want = reference_greedy(base, ids, NEW, attention_mask=mask, prefix=composed(expected_prefix(model), user))
+    assert got.tolist() == want.tolist()
+    assert _greedy(model, ids, mask, use_cache=False, **kwargs).tolist() == got.tolist(), "cache == no cache"
+    alone = reference_greedy(base, ids, NEW, attention_mask=mask, prefix=expected_prefix(model))
+    assert alone.tolist() != want.tolist(), "the user's prefix must change generate()"
+
+
+def test_per_example_user_prefix_with_beams():
+    """A batch-B user prefix meets B * returned rows; the adapter's batch-1 prefix is expanded to B."""
+    model, user, kwargs = with_user_prefix("prefix=", batch=2)
+    base = model.get_base_model()
+    ids, mask = source_batch(base.config, pad_last=1)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=NEW, num_beams=3, num_return_sequences=2,
+        length_penalty=0.0, early_stopping=True, do_sample=False, output_scores=True, return_dict_in_generate=True,
+        **kwargs,
+    )
+    prefix = composed(expected_prefix(model), user)
+    rows = bpp.Prefix(**{
+        site: [tuple(t.repeat_interleave(2, 0) for t in pair) for pair in getattr(prefix, site)]
+        for site in ("encoder", "decoder", "cross")
+    })
+    want = reference_sequence_logprob(
+        base, ids.repeat_interleave(2, 0), out.sequences, attention_mask=mask.repeat_interleave(2, 0), prefix=rows,
+    )
+    torch.testing.assert_close(out.sequences_scores.double(), want, atol=1e-4, rtol=0)
+
+
+def test_gradients_reach_the_adapter_and_the_user_prefix():
+    model, user, _ = with_user_prefix("prefix=")
+    model.train()
+    tensors = [t.detach().clone().requires_grad_() for pair in user.decoder for t in pair]
+    user = bpp.Prefix(encoder=user.encoder, decoder=list(zip(tensors[::2], tensors[1::2])), cross=user.cross)
+    base = model.get_base_model()
+    ids, mask = source_batch(base.config)
+    labels = target_batch(base.config)[:, 1:].contiguous()
+    model(input_ids=ids, attention_mask=mask, labels=labels, prefix=user).loss.backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in tensors)
+    prompt = [p for p in model.prompt_encoder.parameters() if p.requires_grad]
+    assert prompt and all(p.grad is not None and p.grad.abs().sum() > 0 for p in prompt)
+
+
+def test_bad_user_prefix_is_refused_and_changes_nothing():
+    model, user, _ = with_user_prefix("prefix=")
+    base = model.get_base_model()
+    ids, mask = source_batch(base.config)
+    dec = target_batch(base.config)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    short = bpp.Prefix(decoder=user.decoder[:2])
+    for call in (
+        lambda p: model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, prefix=p),
+        lambda p: _greedy(model, ids, mask, prefix=p),
+    ):
+        with pytest.raises(bpp.PrefixError, match=r"PEFT prefix-tuning adapter.*Prefix\.decoder: expected 3 .*got 2"):
+            call(short)
+        with pytest.raises(bpp.PrefixError, match="expected a bart_prefix_patch.Prefix.*got tuple"):
+            call(tuple(user.decoder))
+    with pytest.raises(bpp.PrefixError, match="two prefixes given"):
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, prefix=user, past_key_values=short)
+    assert bpp.attached(base) is None
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, before)
+
+
+def test_user_prefix_with_the_adapter_disabled_is_the_user_prefix_alone():
+    model, user, _ = with_user_prefix("prefix=")
+    base = model.get_base_model()
+    ids, mask = source_batch(base.config)
+    dec = target_batch(base.config)
+    want = reference_logits(base, ids, dec, attention_mask=mask, prefix=user)
+    with torch.no_grad(), model.disable_adapter():
+        given = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, prefix=user).logits
+        bpp.attach(base, user)
+        attached = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(given.double(), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(attached.double(), want, atol=1e-4, rtol=0)
+
+
+def test_user_prefix_with_lora_reaches_the_base_model():
+    base = tiny_model(seed=0)
+    user = make_prefix(base.config, seed=5)
+    # lora_B starts at zero: the LoRA model computes exactly the base model, so the reference applies.
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_2_SEQ_LM", r=2, target_modules=["q_proj", "v_proj"])).eval()
+    ids, mask = source_batch(base.config, pad_last=2)
+    dec = target_batch(base.config)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, prefix=user).logits
+    plain = tiny_model(seed=0)
+    want = reference_logits(plain, ids, dec, attention_mask=mask, prefix=user)
+    torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=0)
+    got = _greedy(model, ids, mask, prefix=user)
+    assert got.tolist() == reference_greedy(plain, ids, NEW, attention_mask=mask, prefix=user).tolist()
 
 
 # ------------------------------------------------------- other PEFT models

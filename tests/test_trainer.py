@@ -7,8 +7,11 @@ Where the prefix lives: a submodule for training, next to (never inside) the wei
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -181,6 +184,76 @@ def _resume(trainer, checkpoint) -> bool:
     return True
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _captured_logs():
+    """Log records of transformers and of this package (INFO and up), and every Python warning.
+
+    transformers' loggers do not propagate to the root logger (pytest's caplog sees nothing), so a
+    handler goes on each library's root logger directly.
+    """
+    handler = _Records()
+    loggers = [logging.getLogger("transformers"), logging.getLogger("bart_prefix_patch")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield handler.records, caught
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+def _assert_prefix_keys_not_reported(records, caught):
+    reports = [r.getMessage() for r in records if r.levelno >= logging.WARNING] + [str(w.message) for w in caught]
+    assert not [m for m in reports if "bpp_prefix" in m], "the prefix keys are restored, not missing"
+
+
+def test_resume_reports_no_missing_prefix_keys_and_says_where_the_prefix_came_from(tmp_path):
+    _trainer(_prefixed_model(), tmp_path / "a", max_steps=4, save_strategy="steps", save_steps=4).train()
+    checkpoint = tmp_path / "a" / "checkpoint-4"
+    restored = _prefixed_model(init_seed=7)
+    trainer = _trainer(restored, tmp_path / "b", max_steps=4)  # nothing left to train: the prefix stays as loaded
+    with _captured_logs() as (records, caught):
+        _resume(trainer, checkpoint)
+    _assert_prefix_keys_not_reported(records, caught)
+    # Stock's own check still runs on everything else (it would report a base weight that is really missing).
+    assert any("Loading model from" in r.getMessage() for r in records), "transformers' logs were captured"
+    lines = [r for r in records if r.name == "bart_prefix_patch.trainer" and "restored the attached prefix" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    assert str(checkpoint / "prefix_model.safetensors") in lines[0].getMessage()
+    assert "_issue_warnings_after_load" not in trainer.__dict__, "the filter is for the duration of the load only"
+    saved = {k.removeprefix("bpp_prefix."): v for k, v in load_file(str(checkpoint / "prefix_model.safetensors")).items()}
+    _assert_same_state(_prefix_state(restored), saved)
+
+
+def test_resume_still_reports_base_weights_that_are_really_missing(tmp_path):
+    _trainer(_prefixed_model(), tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2).train()
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    from safetensors.torch import save_file
+
+    del weights["model.encoder.layernorm_embedding.weight"]
+    save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    with _captured_logs() as (records, caught):
+        _resume(_trainer(_prefixed_model(init_seed=7), tmp_path / "b", max_steps=2), checkpoint)
+    missing = [r.getMessage() for r in records if r.levelno >= logging.WARNING and "missing keys" in r.getMessage()]
+    assert len(missing) == 1 and "model.encoder.layernorm_embedding.weight" in missing[0]
+    _assert_prefix_keys_not_reported(records, caught)
+
+
 def test_load_best_model_at_end_restores_that_checkpoints_prefix(tmp_path):
     model = _prefixed_model()
     trainer = _trainer(
@@ -188,9 +261,13 @@ def test_load_best_model_at_end_restores_that_checkpoints_prefix(tmp_path):
         eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
         greater_is_better=True,  # the best checkpoint is the worse one: the first
     )
-    trainer.train()
+    with _captured_logs() as (records, caught):
+        trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best is not None and best.endswith("checkpoint-2")
+    _assert_prefix_keys_not_reported(records, caught)
+    assert [r for r in records if "loading the best model: restored the attached prefix" in r.getMessage()
+            and os.path.join(best, "prefix_model.safetensors") in r.getMessage()]
     saved = {k.removeprefix("bpp_prefix."): v for k, v in load_file(os.path.join(best, "prefix_model.safetensors")).items()}
     _assert_same_state(_prefix_state(model), saved)
 

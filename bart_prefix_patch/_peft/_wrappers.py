@@ -24,6 +24,7 @@ from ._common import (
 from ._marker import warn_legacy as _warn_legacy
 from ._positions import positions_shifted as _positions_shifted
 from ._prompt import peft_prefix
+from ._user import compose as _compose, take_user_prefix as _take_user_prefix
 
 _ANNOUNCED = False
 
@@ -73,6 +74,14 @@ def _start(peft_model: Any, mode: str) -> tuple[Any, Any, int]:
     shift = config.num_virtual_tokens if mode == LEGACY else 0
     return config, _bart_core(peft_model), shift
 
+def _call_prefix(peft_model: Any, mode: str, arguments: dict) -> Any:
+    """The adapter's prefix for this call, composed with the user's own if there is one (popped from ``arguments``)."""
+    user = _take_user_prefix(peft_model, arguments)
+    prefix = peft_prefix(peft_model, mode)
+    if user is None:
+        return prefix
+    return _compose(prefix, user, _bart_core(peft_model))
+
 def forward(original: Callable, self: Any, args: tuple, kwargs: dict) -> Any:
     """``PeftModelForSeq2SeqLM.forward``: the prompt as ``prefix=`` instead of a cache."""
     mode = _mode(self)
@@ -82,11 +91,11 @@ def forward(original: Callable, self: Any, args: tuple, kwargs: dict) -> Any:
 
 @torch.compiler.disable  # a prefixed call runs eagerly (docs/how-it-works.md)
 def _prefixed_forward(original: Callable, self: Any, args: tuple, kwargs: dict, mode: str) -> Any:
-    config, core, shift = _start(self, mode)
     arguments = _bind(original, self, args, kwargs)
     arguments.pop("task_ids", None)  # not used by prefix tuning (PEFT ignores it too)
+    prefix = _call_prefix(self, mode, arguments)  # before anything is announced or shifted: it may refuse
+    config, core, shift = _start(self, mode)
     _adjust_kwargs(self, config, mode, arguments)
-    prefix = peft_prefix(self, mode)
     with _positions_shifted(core, shift):
         return self.base_model(**arguments, prefix=prefix)
 
@@ -101,11 +110,11 @@ def generate(original: Callable, self: Any, args: tuple, kwargs: dict) -> Any:
 def _prefixed_generate(self: Any, kwargs: dict, mode: str) -> Any:
     if "input_ids" not in kwargs:
         raise ValueError("input_ids must be provided for Peft model generation")  # as PEFT
-    config, core, shift = _start(self, mode)
     kwargs = dict(kwargs)
     kwargs.pop("task_ids", None)
-    _adjust_kwargs(self, config, mode, kwargs)
     with torch.no_grad():
-        prefix = peft_prefix(self, mode)
+        prefix = _call_prefix(self, mode, kwargs)
+    config, core, shift = _start(self, mode)
+    _adjust_kwargs(self, config, mode, kwargs)
     with _positions_shifted(core, shift):
         return self.base_model.generate(**kwargs, prefix=prefix)
