@@ -23,7 +23,7 @@ from ._common import (
 )
 from ._marker import warn_legacy as _warn_legacy
 from ._positions import positions_shifted as _positions_shifted
-from ._prompt import peft_prefix
+from ._mixed import call_prefix as _call_prefix
 
 _ANNOUNCED = False
 
@@ -86,7 +86,7 @@ def _prefixed_forward(original: Callable, self: Any, args: tuple, kwargs: dict, 
     arguments = _bind(original, self, args, kwargs)
     arguments.pop("task_ids", None)  # not used by prefix tuning (PEFT ignores it too)
     _adjust_kwargs(self, config, mode, arguments)
-    prefix = peft_prefix(self, mode)
+    prefix = _call_prefix(self, mode, arguments)  # the active adapter's, or one per example (adapter_names)
     with _positions_shifted(core, shift):
         return self.base_model(**arguments, prefix=prefix)
 
@@ -106,6 +106,6 @@ def _prefixed_generate(self: Any, kwargs: dict, mode: str) -> Any:
     kwargs.pop("task_ids", None)
     _adjust_kwargs(self, config, mode, kwargs)
     with torch.no_grad():
-        prefix = peft_prefix(self, mode)
+        prefix = _call_prefix(self, mode, kwargs)  # the active adapter's, or one per example (adapter_names)
     with _positions_shifted(core, shift):
         return self.base_model.generate(**kwargs, prefix=prefix)
