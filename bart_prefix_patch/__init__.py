@@ -18,6 +18,7 @@ applies the patch.
 from ._attach import attach, attached, detach
 from ._patcher import apply, gate, get_original, is_applied, revert
 from ._version import __version__
+from .bank import PrefixBank
 from .encoder import PrefixEncoder
 from .errors import (
     BartPrefixPatchError,
@@ -40,6 +41,7 @@ from ._peft import PeftIntegrationWarning, peft_prefix, peft_semantics, set_peft
 __all__ = [
     "Prefix",
     "PrefixEncoder",
+    "PrefixBank",
     "add_prefix_tuning",
     "trainable_parameters",
     "save_prefix",

@@ -206,7 +206,10 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def _predict(model, tokenizer, sources: list[str], args, description: str = "generating") -> list[str]:
+def _predict(
+    model, tokenizer, sources: list[str], args, description: str = "generating", bank=None, tasks=None
+) -> list[str]:
+    """Generate for ``sources``; with a ``bank``, ``tasks[i]`` names source i's prefix (None: no prefix)."""
     import torch
 
     predictions = []
@@ -215,6 +218,8 @@ def _predict(model, tokenizer, sources: list[str], args, description: str = "gen
     for start in range(0, len(sources), args.batch_size):
         chunk = sources[start : start + args.batch_size]
         batch = {k: v.to(model.device) for k, v in _encode(tokenizer, chunk, None, args).items()}
+        if bank is not None:  # rows of several tasks in one batch (PrefixBank.select -> Prefix.stack)
+            batch["prefix"] = bank.select(tasks[start : start + args.batch_size])
         with torch.no_grad():
             out = model.generate(**batch, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
         predictions += [_normalise(t) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
@@ -380,26 +385,36 @@ def generate(args) -> int:
         if not target.parent.is_dir():
             raise CLIError(f"--output {args.output}: directory {target.parent} not found")
     device = _device(args.device)
-    try:  # every file of the prefix folder validated before the model is loaded (bart_prefix_patch.io)
-        saved = read_prefix(args.prefix)
-    except bpp.PrefixError as error:
-        raise CLIError(f"--prefix {args.prefix}: {error}") from None
+    named = _named_prefixes(args.prefix)
+    saved_all = {}
+    for name, folder in named.items():
+        try:  # every file of every prefix folder validated before the model is loaded (bart_prefix_patch.io)
+            saved_all[name] = read_prefix(folder)
+        except bpp.PrefixError as error:
+            raise CLIError(f"--prefix {folder if name is None else f'{name}={folder}'}: {error}") from None
+    saved = next(iter(saved_all.values()))
+    first = args.prefix[0]
     info = saved.run_info or {}
     model_dir = args.model or info.get("model")
     if not model_dir:
-        raise CLIError(f"--model is required: {args.prefix} does not record the model it was trained on")
+        raise CLIError(f"--model is required: {first} does not record the model it was trained on")
     args.max_source_length = args.max_source_length or info.get("max_source_length") or 1024
     source_field = args.source_field or info.get("source_field") or "src"
     records = read_jsonl(args.input, (source_field,), "--input") if args.input else None
+    tasks = _tasks(named, records, args) if None not in named else None
 
     model, tokenizer = load_model_and_tokenizer(model_dir, device)
     _fit_lengths(args, model)
+    bank = None
     try:
-        bpp.attach(model, bpp.load_prefix(saved.directory, model=model))
+        if tasks is None:
+            bpp.attach(model, bpp.load_prefix(saved.directory, model=model))
+        else:
+            bank = bpp.PrefixBank.from_prefix_dirs({name: s.directory for name, s in saved_all.items()}, model=model)
     except bpp.BartPrefixPatchError as error:
-        raise CLIError(f"--prefix {args.prefix}: {error}") from None
+        raise CLIError(f"--prefix {' '.join(args.prefix)}: {error}") from None
     sources = [r[source_field] for r in records] if records is not None else list(args.text)
-    predictions = _predict(model, tokenizer, sources, args)
+    predictions = _predict(model, tokenizer, sources, args, bank=bank, tasks=tasks)
     if records is None:
         lines = predictions
     else:
@@ -414,6 +429,41 @@ def generate(args) -> int:
         for line in lines:
             print(line)
     return 0
+
+
+def _named_prefixes(values: list[str]) -> dict:
+    """``--prefix DIR`` (one, unnamed: key None) or ``--prefix NAME=DIR ...`` (name -> folder, in order)."""
+    named = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or "/" in name or "\\" in name or "." in name or not folder:
+            if Path(value).exists() or not sep:
+                name, folder = None, value
+            else:
+                raise CLIError(f"--prefix {value}: expected NAME=DIR (a name without '.' or '/') or DIR")
+        if name in named:
+            raise CLIError(f"--prefix {value}: {'more than one unnamed --prefix' if name is None else f'name {name!r} given twice'}")
+        named[name] = folder
+    if None in named and len(named) > 1:
+        raise CLIError("--prefix: give one folder, or name every prefix (NAME=DIR) to serve several tasks")
+    return named
+
+
+def _tasks(named: dict, records: Optional[list[dict]], args) -> list:
+    """Each input's task: its ``"task"`` field (null: no prefix), else the first --prefix name."""
+    default = next(iter(named))
+    if records is None:
+        return [default] * len(args.text)
+    tasks = []
+    for number, record in enumerate(records, 1):
+        task = record.get("task", default)
+        if task is not None and (not isinstance(task, str) or task not in named):
+            raise CLIError(
+                f"--input {args.input}: example {number}: task {task!r} is not a --prefix name (expected one of "
+                f"{', '.join(named)}, or null for no prefix)"
+            )
+        tasks.append(task)
+    return tasks
 
 
 # ---------------------------------------------------------------- parser
@@ -472,7 +522,12 @@ def add_commands(commands) -> None:
         "generate", help="run a saved prefix on new inputs",
         description="Loads the base model and a prefix written by `train` (or save_prefix) and generates.",
     )
-    gen.add_argument("--prefix", required=True, help="folder written by `train` or save_prefix")
+    gen.add_argument(
+        "--prefix", required=True, action="append",
+        help="folder written by `train` or save_prefix; or NAME=DIR, repeated, to serve several tasks: each "
+        "--input line's \"task\" field names its prefix (default: the first; null: none), and rows of "
+        "different tasks share batches",
+    )
     gen.add_argument("--model", help="base model folder (default: the one recorded by `train`)")
     gen.add_argument("--input", help="JSONL file of inputs")
     gen.add_argument("--text", action="append", help="an input text (repeatable)")

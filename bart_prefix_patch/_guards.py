@@ -34,7 +34,7 @@ from ._models import architecture_of, attention_modules, core_of, stacks
 from ._registry import is_applied, model_refusal, reverts, status_line
 from ._state import PrefixState, active_state, ensure_checkpoint_binding, prefixed_call_in_flight, run_with_state
 from .errors import PatchNotAppliedError, PrefixError, UnsupportedConfigurationError, UnsupportedModelError
-from .prefix import Prefix, validate_prefix
+from .prefix import Prefix, site_visibility, validate_prefix
 
 _CACHE_NAMES = ("cache", "past_key_values")
 _BATCH_NAMES = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "inputs")
@@ -219,12 +219,16 @@ def resolve(
     _check_attention_implementation(core)
     prefix = call_source(source) if isinstance(source, torch.nn.Module) else source
     pairs = validate_prefix(prefix, core, batch)
-    slices = {}
+    visible = site_visibility(prefix, pairs)  # stacked rows of different lengths (Prefix.stack)
+    slices, rows = {}, {}
     for site, site_pairs in pairs.items():
-        slices.update((module, pair) for module, pair in zip(attention_modules(core, site), site_pairs) if pair is not None)
+        present = [(module, pair) for module, pair in zip(attention_modules(core, site), site_pairs) if pair is not None]
+        slices.update(present)
+        if site in visible:
+            rows.update((module, visible[site]) for module, _ in present)
     ensure_checkpoint_binding(m for stack in stacks(core) for m in (stack, *stack.layers))
     owners = [instance, *stacks(core)] + ([core] if isinstance(core, torch.nn.Module) else [])
-    return PrefixState(slices, batch, expansions, owners)
+    return PrefixState(slices, batch, expansions, owners, rows)
 
 
 # ------------------------------------------------------------------ guards

@@ -22,6 +22,24 @@ from .errors import PrefixError
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
+
+class PrefixKV(tuple):
+    """A module's ``(key, value)`` prefix at its runtime batch, plus which columns each row may see.
+
+    A plain 2-tuple to every fork (``key, value = prefix_kv``); ``visible`` is
+    ``None`` when every row sees every prefix column (the common, fast case),
+    else a ``(batch, prefix_len)`` bool tensor (a stacked prefix whose rows
+    have different lengths: see :meth:`bart_prefix_patch.Prefix.stack`), which
+    :func:`bart_prefix_patch.forks._masks.prefixed_mask` turns into mask columns.
+    """
+
+    visible: Optional[torch.Tensor]
+
+    def __new__(cls, key: torch.Tensor, value: torch.Tensor, visible: Optional[torch.Tensor] = None):
+        pair = super().__new__(cls, (key, value))
+        pair.visible = visible
+        return pair
+
 _ACTIVE: contextvars.ContextVar[Optional["PrefixState"]] = contextvars.ContextVar("bart_prefix_state", default=None)
 
 # Whether a prefixed call is in flight in this process, any thread. torch.compile cannot trace a
@@ -46,9 +64,12 @@ class PrefixState:
         owners: Modules whose calls are covered by this state (the core
             model, its encoder and decoder), so that nested entries of the
             same call reuse it instead of resolving again.
+        visible: Attention module -> ``(prefix batch, prefix_len)`` bool
+            visibility of its prefix columns, for modules whose rows do not
+            all see every column (absent: every column visible).
     """
 
-    __slots__ = ("slices", "batch", "expansions", "owners", "_expanded")
+    __slots__ = ("slices", "batch", "expansions", "owners", "visible", "_expanded")
 
     def __init__(
         self,
@@ -56,8 +77,10 @@ class PrefixState:
         batch: Optional[int],
         expansions: Iterable[int],
         owners: Iterable[torch.nn.Module],
+        visible: Optional[dict[torch.nn.Module, torch.Tensor]] = None,
     ):
         self.slices = slices
+        self.visible = visible or {}
         self.batch = batch
         self.expansions = tuple(sorted(set(expansions)))
         self.owners = frozenset(id(owner) for owner in owners)
@@ -73,6 +96,7 @@ class PrefixState:
         clone = object.__new__(PrefixState)
         clone.slices = {module: (tensors[2 * i], tensors[2 * i + 1]) for i, module in enumerate(self.slices)}
         clone.batch, clone.expansions, clone.owners = self.batch, self.expansions, self.owners
+        clone.visible = self.visible  # bool tensors, no gradient: need not be checkpoint inputs
         clone._expanded = {}
         return clone
 
@@ -80,24 +104,28 @@ class PrefixState:
         """Whether ``module``'s calls belong to this state's model."""
         return id(module) in self.owners
 
-    def kv_for(self, module: torch.nn.Module, runtime_batch: int) -> Optional[KeyValue]:
+    def kv_for(self, module: torch.nn.Module, runtime_batch: int) -> Optional[PrefixKV]:
         """The prefix of ``module`` at the batch size it runs with, or None.
 
         A batch-1 prefix broadcasts with ``expand`` (no copy). A per-example
         prefix of batch B meeting a runtime batch of B*k (beam search,
         ``num_return_sequences``) is repeated per example, the same layout
         ``generate()`` uses for its own inputs; any other size is an error.
+        The per-row visibility (if any) follows the same rule.
         """
         pair = self.slices.get(module)
         if pair is None:
             return None
         key, value = pair
+        visible = self.visible.get(module)
         prefix_batch = key.shape[0]
         if prefix_batch == runtime_batch:
-            return pair
+            return PrefixKV(key, value, visible)
         if prefix_batch == 1:
             shape = (runtime_batch, *key.shape[1:])
-            return key.expand(shape), value.expand(shape)
+            if visible is not None:
+                visible = visible.expand(runtime_batch, -1)
+            return PrefixKV(key.expand(shape), value.expand(shape), visible)
         factor, remainder = divmod(runtime_batch, prefix_batch)
         if remainder or factor not in self.expansions:
             allowed = sorted({prefix_batch * k for k in self.expansions})
@@ -108,7 +136,9 @@ class PrefixState:
         memo = (id(module), runtime_batch)
         expanded = self._expanded.get(memo)
         if expanded is None:
-            expanded = (key.repeat_interleave(factor, dim=0), value.repeat_interleave(factor, dim=0))
+            if visible is not None:
+                visible = visible.repeat_interleave(factor, dim=0)
+            expanded = PrefixKV(key.repeat_interleave(factor, dim=0), value.repeat_interleave(factor, dim=0), visible)
             self._expanded[memo] = expanded
         return expanded
 

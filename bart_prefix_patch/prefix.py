@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
@@ -45,11 +45,44 @@ class Prefix:
     Unknown attributes raise
     :class:`~bart_prefix_patch.errors.PrefixAttributeError` (an
     ``AttributeError``), so ``hasattr(prefix, "to")`` is False.
+
+    ``lengths`` (set by :meth:`stack`) makes rows of a batch-B prefix differ
+    in length: site -> ``(B,)`` integer tensor (or sequence of ints), row
+    ``b`` sees only the first ``lengths[site][b]`` prefix columns of that
+    site (0: no prefix for that row). ``None``, or a site missing from it:
+    every row sees every column.
     """
 
     encoder: Optional[Sequence[KeyValue]] = None
     decoder: Optional[Sequence[KeyValue]] = None
     cross: Optional[Sequence[KeyValue]] = None
+    lengths: Optional[Mapping[str, Union[torch.Tensor, Sequence[int]]]] = None
+
+    @classmethod
+    def stack(cls, prefixes: Sequence[Optional["Prefix"]]) -> "Prefix":
+        """One per-example prefix from one entry per example.
+
+        Args:
+            prefixes: Per example, a :class:`Prefix` of batch 1 or ``None``
+                (no prefix). Lengths may differ between examples and sites;
+                an example may lack a site that others have.
+
+        Returns:
+            A prefix of batch ``len(prefixes)``: per site, every example's
+            keys/values padded with zero columns to the longest, and
+            ``lengths`` recording each row's own length where rows differ
+            (the padding columns are masked, so each row computes what its
+            example computes alone). A site no entry has is ``None``; where
+            every row has the same length, ``lengths`` omits the site and the
+            prefix costs exactly what a batch-B prefix costs.
+
+        Raises:
+            PrefixError: An entry that is not a Prefix or None, of batch > 1,
+                or whose layer count, heads, head_dim, dtype or device differ
+                from the first entry with that site, naming the entry's index,
+                the expected and the given value.
+        """
+        return _stack(cls, prefixes)
 
     @classmethod
     def from_legacy(cls, past_key_values: Sequence[Sequence[torch.Tensor]]) -> "Prefix":
@@ -236,6 +269,141 @@ def validate_prefix(prefix: Any, core: torch.nn.Module, batch: Optional[int]) ->
             # A layer whose prefix has length 0 follows the empty-site rule: no prefix in that layer.
             out.append((key.to(weight.dtype), value.to(weight.dtype)) if p else None)
         result[site] = out
+    _check_lengths(prefix, result)
+    return result
+
+
+def _stack(cls: type, prefixes: Sequence[Optional[Prefix]]) -> Prefix:
+    if isinstance(prefixes, (Prefix, torch.Tensor)) or not isinstance(prefixes, Sequence) or not len(prefixes):
+        given = "an empty sequence" if isinstance(prefixes, Sequence) and not isinstance(prefixes, Prefix) else type(prefixes).__name__
+        raise PrefixError(f"Prefix.stack: expected a non-empty sequence of Prefix (batch 1) or None, one per example, got {given}")
+    for index, entry in enumerate(prefixes):
+        if entry is not None and not isinstance(entry, Prefix):
+            raise PrefixError(f"Prefix.stack: entry {index}: expected a Prefix of batch 1 or None, got {type(entry).__name__}")
+    fields: dict[str, Any] = {}
+    lengths: dict[str, torch.Tensor] = {}
+    for site in SITES:
+        present = [(i, p) for i, p in enumerate(prefixes) if p is not None and getattr(p, site) is not None]
+        if not present:
+            continue
+        first_index, first = present[0]
+        template = _entry_pairs(first, site, first_index)
+        n_layers, (_, heads, _, head_dim) = len(template), template[0][0].shape
+        dtype, device = template[0][0].dtype, template[0][0].device
+        rows: dict[int, tuple[list[KeyValue], int]] = {}
+        for index, entry in present:
+            pairs = _entry_pairs(entry, site, index)
+            where = f"Prefix.stack: entry {index} Prefix.{site}"
+            if len(pairs) != n_layers:
+                raise PrefixError(f"{where}: expected {n_layers} layers (as entry {first_index}), got {len(pairs)}")
+            lens = set()
+            for layer, (key, value) in enumerate(pairs):
+                for name, tensor in (("key", key), ("value", value)):
+                    b, h, p, d = tensor.shape
+                    at = f"{where}[{layer}] {name}"
+                    if b != 1:
+                        raise PrefixError(f"{at}: expected batch 1 (dim 0; one entry per example), got batch {b}")
+                    if h != heads:
+                        raise PrefixError(f"{at}: expected {heads} heads (dim 1, as entry {first_index}), got {h}")
+                    if d != head_dim:
+                        raise PrefixError(f"{at}: expected head_dim {head_dim} (dim 3, as entry {first_index}), got {d}")
+                    if tensor.device != device:
+                        raise PrefixError(f"{at}: expected device {device} (as entry {first_index}), got {tensor.device}")
+                    if tensor.dtype != dtype:
+                        raise PrefixError(f"{at}: expected dtype {dtype} (as entry {first_index}), got {tensor.dtype}")
+                    lens.add(p)
+            if len(lens) != 1:
+                raise PrefixError(f"{where}: expected one prefix length for all layers and keys/values, got {sorted(lens)}")
+            length = lens.pop()
+            own = entry.lengths.get(site) if entry.lengths is not None else None
+            if own is not None:
+                length = min(length, int(torch.as_tensor(own).reshape(-1)[0]))
+            rows[index] = (pairs, length)
+        longest = max(pairs[0][0].shape[2] for pairs, _ in rows.values())
+        zero = torch.zeros(1, heads, longest, head_dim, dtype=dtype, device=device)
+        site_pairs = []
+        for layer in range(n_layers):
+            keys, values = [], []
+            for index in range(len(prefixes)):
+                if index in rows:
+                    key, value = rows[index][0][layer]
+                    pad = (0, 0, 0, longest - key.shape[2])
+                    keys.append(torch.nn.functional.pad(key, pad) if pad[3] else key)
+                    values.append(torch.nn.functional.pad(value, pad) if pad[3] else value)
+                else:
+                    keys.append(zero)
+                    values.append(zero)
+            site_pairs.append((torch.cat(keys, dim=0), torch.cat(values, dim=0)))
+        fields[site] = site_pairs
+        row_lengths = [rows[i][1] if i in rows else 0 for i in range(len(prefixes))]
+        if any(length != longest for length in row_lengths):
+            lengths[site] = torch.tensor(row_lengths, dtype=torch.long, device=device)
+    return cls(**fields, lengths=lengths or None)
+
+
+def _entry_pairs(entry: Prefix, site: str, index: int) -> list[KeyValue]:
+    pairs = getattr(entry, site)
+    where = f"Prefix.stack: entry {index} Prefix.{site}"
+    if isinstance(pairs, torch.Tensor) or not isinstance(pairs, Sequence) or not len(pairs):
+        raise PrefixError(f"{where}: expected a non-empty sequence of (key, value) pairs, one per layer")
+    for layer, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise PrefixError(f"{where}[{layer}]: expected a (key, value) pair, got {type(pair).__name__}")
+        for name, tensor in zip(("key", "value"), pair):
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
+                got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise PrefixError(f"{where}[{layer}] {name}: expected a 4-D tensor (1, heads, prefix_len, head_dim), got {got}")
+    return list(pairs)
+
+
+def _check_lengths(prefix: Prefix, pairs: dict[str, list[KeyValue]]) -> None:
+    """Check ``prefix.lengths`` against the validated keys/values."""
+    lengths = prefix.lengths
+    if lengths is None:
+        return
+    if not isinstance(lengths, Mapping):
+        raise PrefixError(f"Prefix.lengths: expected a mapping site -> per-row lengths, got {type(lengths).__name__}")
+    for site, given in lengths.items():
+        if site not in SITES or getattr(prefix, site) is None:
+            raise PrefixError(
+                f"Prefix.lengths[{site!r}]: expected a site that carries a prefix, one of {list(prefix.sites())}"
+            )
+        if site not in pairs:
+            continue  # a site this stack never runs
+        shapes = {tuple(key.shape[::2]) for key, _ in pairs[site]}
+        if len(shapes) != 1:
+            raise PrefixError(
+                f"Prefix.lengths[{site!r}]: expected one (batch, prefix_len) for every layer of the site, got {sorted(shapes)}"
+            )
+        (batch, width), = shapes
+        given = torch.as_tensor(given)
+        if given.dim() != 1 or given.shape[0] != batch or given.dtype.is_floating_point or given.dtype == torch.bool:
+            raise PrefixError(
+                f"Prefix.lengths[{site!r}]: expected {batch} integer lengths (one per prefix row), got "
+                f"{given.dtype} of shape {tuple(given.shape)}"
+            )
+        if bool(((given < 0) | (given > width)).any()):
+            raise PrefixError(
+                f"Prefix.lengths[{site!r}]: expected lengths in 0..{width} (the prefix_len of the site), got {given.tolist()}"
+            )
+
+
+def site_visibility(prefix: Prefix, pairs: dict[str, list[KeyValue]]) -> dict[str, torch.Tensor]:
+    """Per site with rows of different lengths: ``(batch, prefix_len)`` bool, which columns each row sees.
+
+    Sites where every row sees every column are left out (no mask is needed
+    for them: the fast path). Call after :func:`validate_prefix`.
+    """
+    result = {}
+    for site, given in (prefix.lengths or {}).items():
+        if site not in pairs:
+            continue
+        key = pairs[site][0][0]
+        width = key.shape[2]
+        given = torch.as_tensor(given, device=key.device)
+        if bool((given == width).all()):
+            continue
+        result[site] = torch.arange(width, device=key.device)[None, :] < given[:, None]
     return result
 
 

@@ -33,7 +33,7 @@ LAYERS = {
     # 4: attach/detach, entry guards, apply/revert
     "_attach": 4, "_guards": 4, "_patcher": 4,
     # 5: PrefixEncoder, the on-disk format, tuning
-    "encoder": 5, "io": 5, "tuning": 5,
+    "encoder": 5, "io": 5, "tuning": 5, "bank": 5,
     # 6: integrations, which register themselves with the patcher
     "_saving": 6, "trainer": 6, "_peft": 6,
     # 7: wiring, diagnostics, CLI

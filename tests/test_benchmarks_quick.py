@@ -27,6 +27,8 @@ SCRIPTS = {
                                        "Greedy throughput vs source length"]),
     "bench_train.py": ("train", ["Training step: CPU time and peak memory", "| stock fwd+bwd (all params)",
                                  "| prefix-tuning step", "Trainable parameters vs prefix length"]),
+    "bench_mixed.py": ("mixed", ["Mixed-task batch vs single-task batches", "| greedy | mixed batch",
+                                 "| beam 4 | 4 single-task batches of 4"]),
     "bench_memory.py": ("memory", ["Memory of one generate()", "| greedy", "patched, prefix 20"]),
     "bench_learning.py": ("learning", ["Exact match (%) of greedy generate()", "| full prefix (enc+dec+cross)",
                                        "| stock behaviour (cross replaces encoder)", "| full fine-tuning"]),

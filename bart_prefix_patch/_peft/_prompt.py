@@ -34,16 +34,20 @@ def peft_prefix(peft_model: Any, semantics: Optional[str] = None) -> Prefix:
         A batch-1 prefix (it broadcasts), with gradients when the prompt encoder
         is trainable and autograd is on.
     """
-    config = peft_model.active_peft_config
+    return adapter_prefix(peft_model, peft_model.active_adapter, semantics)
+
+
+def adapter_prefix(peft_model: Any, adapter: str, semantics: Optional[str] = None) -> Prefix:
+    """:func:`peft_prefix` of the adapter named ``adapter`` (active or not), for mixed batches."""
+    config = peft_model.peft_config[adapter]
     if not _prefix_tuning(config):
-        raise PrefixError(f"peft_prefix: the active adapter is {config.peft_type}, not PREFIX_TUNING")
+        raise PrefixError(f"peft_prefix: the adapter {adapter!r} is {config.peft_type}, not PREFIX_TUNING")
     core = _bart_core(peft_model)
     if core is None:
         raise PrefixError(f"peft_prefix: expected a BART base model, got {type(peft_model.get_base_model()).__name__}")
     semantics = semantics or _semantics_of(config)
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
-    adapter = peft_model.active_adapter
     encoder = peft_model.prompt_encoder[adapter]
     length, layers = config.num_virtual_tokens, config.num_layers
     heads, width = config.num_attention_heads, config.token_dim

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import _registry
+from ..errors import PrefixError
 from ._common import (
     ENV_VAR,
     CONFIG_KEY,
@@ -23,7 +24,7 @@ from ._common import (
 )
 from ._marker import warn_legacy as _warn_legacy
 from ._positions import positions_shifted as _positions_shifted
-from ._prompt import peft_prefix
+from ._mixed import call_prefix as _adapter_prefix
 from ._user import compose as _compose, take_user_prefix as _take_user_prefix
 
 _ANNOUNCED = False
@@ -75,9 +76,21 @@ def _start(peft_model: Any, mode: str) -> tuple[Any, Any, int]:
     return config, _bart_core(peft_model), shift
 
 def _call_prefix(peft_model: Any, mode: str, arguments: dict) -> Any:
-    """The adapter's prefix for this call, composed with the user's own if there is one (popped from ``arguments``)."""
+    """The call's prefix (``prefix=`` and ``adapter_names`` are popped from ``arguments``).
+
+    The active adapter's prefix, or with ``adapter_names`` one adapter per
+    example (``_mixed``); composed with the user's own prefix if there is one
+    (``_user``). A user prefix and ``adapter_names`` together are refused: the
+    per-example adapter prefixes have rows of different lengths, after which
+    a user prefix's columns would have no fixed place.
+    """
     user = _take_user_prefix(peft_model, arguments)
-    prefix = peft_prefix(peft_model, mode)
+    if user is not None and arguments.get("adapter_names") is not None:
+        raise PrefixError(
+            "a prefix of your own (prefix=, past_key_values=Prefix or an attached one) and adapter_names= cannot be "
+            "combined in one call: pass one of them"
+        )
+    prefix = _adapter_prefix(peft_model, mode, arguments)
     if user is None:
         return prefix
     return _compose(prefix, user, _bart_core(peft_model))

@@ -96,7 +96,7 @@ def _keys_values(self, hidden_states, key_value_states, cache, cache_position, p
     return prefixed_keys_values(self, hidden_states, key_value_states, cache, prefix_kv, update)
 
 
-def _mask(self, attention_mask, n_prefix, query_len, key_len, is_cross_attention, boolean, dtype, device):
+def _mask(self, attention_mask, prefix_kv, query_len, key_len, is_cross_attention, boolean, dtype, device):
     """The stock mask cut to the real keys, then given the prefix columns.
 
     The cut is upstream's own ``mask[..., :key_len]`` (4.52's classes and the
@@ -105,6 +105,7 @@ def _mask(self, attention_mask, n_prefix, query_len, key_len, is_cross_attention
     (or builds the explicit causal mask where the stock code relies on
     ``is_causal``).
     """
+    n_prefix = prefix_kv[0].shape[2]
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :, : key_len - n_prefix]
     return prefixed_mask(
@@ -116,6 +117,7 @@ def _mask(self, attention_mask, n_prefix, query_len, key_len, is_cross_attention
         boolean=boolean,
         dtype=dtype,
         device=device,
+        visible=prefix_kv.visible,  # DIFF: per-row prefix lengths of a stacked prefix (None: all visible)
     )
 
 
@@ -150,7 +152,7 @@ def eager_forward(
 
     # DIFF: the mask gains always-visible prefix columns (upstream only sliced it to the keys).
     attention_mask = _mask(
-        self, attention_mask, prefix_kv[0].shape[2], tgt_len, key_states.shape[-2], is_cross_attention,
+        self, attention_mask, prefix_kv, tgt_len, key_states.shape[-2], is_cross_attention,
         boolean=False, dtype=query_states.dtype, device=query_states.device,
     )
     attn_output, attn_weights_reshaped = eager_attention_bmm(
@@ -207,7 +209,7 @@ def sdpa_forward(
     # DIFF: the mask gains always-visible prefix columns; where upstream would
     # leave None and use is_causal, an explicit bottom-right causal mask is built.
     causal_mask = _mask(
-        self, attention_mask, prefix_kv[0].shape[2], tgt_len, key_states.shape[-2], is_cross_attention,
+        self, attention_mask, prefix_kv, tgt_len, key_states.shape[-2], is_cross_attention,
         boolean=True, dtype=query_states.dtype, device=query_states.device,
     )
 
@@ -280,7 +282,7 @@ def attention_forward(
     # DIFF: the mask gains always-visible prefix columns; where upstream would
     # leave None and let sdpa use is_causal, an explicit causal mask is built.
     attention_mask = _mask(
-        self, attention_mask, prefix_kv[0].shape[2], tgt_len, key_states.shape[-2], is_cross_attention,
+        self, attention_mask, prefix_kv, tgt_len, key_states.shape[-2], is_cross_attention,
         boolean=implementation == "sdpa", dtype=query_states.dtype, device=query_states.device,
     )
 

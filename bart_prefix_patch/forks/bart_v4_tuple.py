@@ -91,7 +91,7 @@ def _keys_values(self, hidden_states, key_value_states, past_key_value, prefix_k
     return key_states, value_states, past_key_value
 
 
-def _mask(self, attention_mask, query_states, key_states, n_prefix, is_cross_attention, boolean):
+def _mask(self, attention_mask, query_states, key_states, prefix_kv, is_cross_attention, boolean):
     """The stock mask for ``[prefix ; keys]`` (see ``prefixed_mask``).
 
     Args:
@@ -102,13 +102,14 @@ def _mask(self, attention_mask, query_states, key_states, n_prefix, is_cross_att
     # DIFF: the mask gains always-visible prefix columns (see prefixed_mask).
     return prefixed_mask(
         attention_mask,
-        n_prefix=n_prefix,
+        n_prefix=prefix_kv[0].shape[2],
         query_len=query_states.shape[-2],
         key_len=key_states.shape[-2],
         causal=self.is_causal and not is_cross_attention,
         boolean=boolean,
         dtype=query_states.dtype,
         device=query_states.device,
+        visible=prefix_kv.visible,  # DIFF: per-row prefix lengths of a stacked prefix (None: all visible)
     )
 
 
@@ -144,7 +145,7 @@ def attention_forward(
     query_states = self._shape(query_states, tgt_len, bsz)
     built = attention_mask is None
     attention_mask = _mask(  # DIFF: prefix columns (and a causal mask where upstream had none)
-        self, attention_mask, query_states, key_states, prefix_kv[0].shape[2], is_cross_attention, boolean=False
+        self, attention_mask, query_states, key_states, prefix_kv, is_cross_attention, boolean=False
     )
     src_len = key_states.shape[-2]
     if attention_mask is not None and not built and attention_mask.size() != (bsz, 1, tgt_len, src_len):
@@ -207,7 +208,7 @@ def sdpa_attention_forward(
 
     query_states = self._shape(query_states, tgt_len, bsz)
     attention_mask = _mask(  # DIFF: prefix columns (and a causal mask where upstream had none)
-        self, attention_mask, query_states, key_states, prefix_kv[0].shape[2], is_cross_attention, boolean=True
+        self, attention_mask, query_states, key_states, prefix_kv, is_cross_attention, boolean=True
     )
 
     # DIFF: never is_causal=True: PyTorch aligns it top-left, so with prefix

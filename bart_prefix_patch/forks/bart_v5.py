@@ -123,6 +123,7 @@ def attention_forward(
         boolean=implementation == "sdpa",
         dtype=query_states.dtype,
         device=query_states.device,
+        visible=prefix_kv.visible,  # DIFF: per-row prefix lengths of a stacked prefix (None: all visible)
     )
     if upstream.has_get_interface:  # 5.1+
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, upstream.eager_attention_forward)
