@@ -240,12 +240,18 @@ def run_whole(before: int, instance: Any, state: PrefixState, wrapped: Callable,
     Args:
         before: :func:`._registry.reverts` read at the call's entry, before the patch state.
     """
-    result = run_with_state(state, wrapped, *args, **kwargs)
+    message = (
+        f"bpp.revert() ran while this {type(instance).__name__} call with a prefix was in flight: some layers "
+        "may have run without the prefix, so the result was discarded. Call bpp.apply() and run it again."
+    )
+    try:
+        result = run_with_state(state, wrapped, *args, **kwargs)
+    except Exception as error:
+        if reverts() != before:  # e.g. stock attention meeting a cache that holds [prefix ; encoder]
+            raise PatchNotAppliedError(message) from error
+        raise
     if reverts() != before:
-        raise PatchNotAppliedError(
-            f"bpp.revert() ran while this {type(instance).__name__} call with a prefix was in flight: some layers "
-            "may have run without the prefix, so the result was discarded. Call bpp.apply() and run it again."
-        )
+        raise PatchNotAppliedError(message)
     return result
 
 
