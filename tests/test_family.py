@@ -190,3 +190,26 @@ def test_marian_from_tokens_uses_the_decoder_vocabulary():
     dec = _decoder_ids(model)
     got = model(src, attention_mask=mask, decoder_input_ids=dec, prefix=prefix).logits.double()
     torch.testing.assert_close(got, reference_logits(model, src, dec, attention_mask=mask, prefix=prefix), atol=ATOL, rtol=ATOL)
+
+
+def test_stacked_prefixes_match_each_example_alone(family_model):
+    """Prefix.stack on every model: rows of different prefix lengths, a missing site and no prefix."""
+    model = family_model
+    config = model.config
+    entries = [
+        make_prefix(config, enc_len=3, dec_len=4, cross_len=5, scale=2.0, seed=0),
+        make_prefix(config, enc_len=6, dec_len=2, cross_len=1, scale=2.0, seed=1),
+        make_prefix(config, dec_len=7, cross_len=3, sites=("decoder", "cross"), scale=2.0, seed=2),
+        None,
+    ]
+    ids, mask = source_batch(config, batch=4, pad_last=2)
+    dec = _decoder_ids(model, batch=4)
+    stacked = bpp.Prefix.stack(entries)
+    got = model(ids, attention_mask=mask, decoder_input_ids=dec, prefix=stacked).logits.double()
+    tokens = model.generate(ids, attention_mask=mask, prefix=stacked, max_new_tokens=NEW, do_sample=False, num_beams=1)
+    for row, entry in enumerate(entries):
+        one = slice(row, row + 1)
+        want = reference_logits(model, ids[one], dec[one], attention_mask=mask[one], prefix=entry)
+        torch.testing.assert_close(got[one], want, atol=ATOL, rtol=ATOL)
+        alone = reference_greedy(model, ids[one], NEW, attention_mask=mask[one], prefix=entry)
+        assert tokens[one, : alone.shape[1]].tolist() == alone.tolist()
