@@ -694,3 +694,62 @@ def test_lazy_install_switch_and_one_warning(imports):
     assert "warnings 1 <string>" in out, out  # once per process, pointing at the user's code
     assert f"with {_peft.ENV_VAR}=0: False" in out, out
     assert "then apply(peft=True): True" in out, out
+
+
+# ------------------------------------------------------------- BART's relatives
+
+
+@pytest.mark.parametrize("model_type", ["mbart", "marian", "pegasus", "m2m_100"])
+def test_relatives_forward_and_generate_match_reference(model_type):
+    """PEFT prefix tuning of a relative: forward and greedy generate() equal the reference with docs/peft.md's prefix."""
+    from models import available, decoder_vocab_size, tiny_family_model
+    from reference import reference_greedy
+
+    if not available(model_type):
+        pytest.skip(f"no {model_type} in this transformers release")
+    base = tiny_family_model(model_type, seed=0)
+    model = get_peft_model(base, PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
+    generator = torch.Generator().manual_seed(10)
+    with torch.no_grad():
+        for parameter in model.prompt_encoder.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2.0)
+    model.eval()
+    ids, mask = source_batch(base.config, pad_last=2)
+    dec = target_batch(base.config).clamp(max=decoder_vocab_size(base.config) - 1)
+    prefix = expected_prefix(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    want = reference_logits(base, ids, dec, attention_mask=mask, prefix=prefix)
+    torch.testing.assert_close(out.logits.double(), want, atol=1e-4, rtol=0)
+    tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, num_beams=1)
+    assert tokens.tolist() == reference_greedy(base, ids, NEW, attention_mask=mask, prefix=prefix).tolist()
+
+
+@pytest.mark.parametrize("model_type", ["m2m_100", "marian"])
+def test_relatives_legacy_semantics_equal_stock_peft(model_type):
+    """Legacy positions on a relative: the shift hook finds each positional embedding's length argument by name
+    (M2M100 passes it third), so the legacy forward equals stock PEFT's own training-time forward."""
+    from models import available, decoder_vocab_size, tiny_family_model
+
+    if not available(model_type):
+        pytest.skip(f"no {model_type} in this transformers release")
+    base = tiny_family_model(model_type, seed=0, **CONFIGS["same"])
+    model = get_peft_model(base, PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
+    generator = torch.Generator().manual_seed(10)
+    with torch.no_grad():
+        for parameter in model.prompt_encoder.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2.0)
+    model.eval()
+    bpp.set_peft_semantics(model, "legacy")
+    ids, mask = source_batch(base.config, pad_last=2)
+    dec = target_batch(base.config).clamp(max=decoder_vocab_size(base.config) - 1)
+
+    def forward():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+
+    legacy = forward()
+    torch.testing.assert_close(legacy, _stock(forward), atol=1e-5, rtol=0)
+    full = bpp.set_peft_semantics(model, "full") or forward()
+    assert (full - legacy).abs().max() > 1e-3, "the shift (and the cross half) must matter"
