@@ -164,6 +164,31 @@ def test_train_then_generate_round_trip(model_dir, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == [r["prediction"] for r in rows]
 
 
+@pytest.mark.parametrize("model_type", ["marian", "m2m_100"])
+def test_train_and_generate_accept_a_relative(model_type, tmp_path, capsys):
+    """`train` / `generate` take any supported model type (here a tiny relative with BART's word tokenizer)."""
+    import transformers
+
+    bart_dir = build_tiny_bart(tmp_path / "bart")
+    config = transformers.BartConfig.from_pretrained(bart_dir).to_dict()
+    dims = {k: config[k] for k in ("vocab_size", "d_model", "encoder_layers", "decoder_layers",
+                                   "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim",
+                                   "decoder_ffn_dim", "max_position_embeddings", "pad_token_id", "bos_token_id",
+                                   "eos_token_id", "decoder_start_token_id")}
+    classes = {"marian": ("MarianConfig", "MarianMTModel"), "m2m_100": ("M2M100Config", "M2M100ForConditionalGeneration")}
+    config_class, model_class = (getattr(transformers, name) for name in classes[model_type])
+    directory = tmp_path / model_type
+    transformers.AutoTokenizer.from_pretrained(bart_dir).save_pretrained(directory)
+    torch.manual_seed(0)
+    model_class(config_class(**dims, dropout=0.0, attention_dropout=0.0)).save_pretrained(directory)
+    train = _write_jsonl(tmp_path / "train.jsonl", _pairs(8, seed=1))
+    out = tmp_path / "prefix"
+    assert main(["train", "--model", str(directory), "--train", str(train), "--output", str(out), "--epochs", "1",
+                 "--prefix-length", "2", "--hidden-size", "0", "--max-new-tokens", "4"]) == 0
+    assert main(["generate", "--prefix", str(out), "--text", "w1 w2", "--max-new-tokens", "4"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) >= 1
+
+
 # ------------------------------------------------------------------ errors
 
 
