@@ -255,14 +255,24 @@ def run_whole(before: int, instance: Any, state: PrefixState, wrapped: Callable,
     return result
 
 
-def entry_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """Entry guard of ``forward``: resolve and publish the call's prefix."""
+def _enter(instance: Any, args: tuple, kwargs: dict, what: str) -> tuple[int, tuple, Optional[Prefix], Any]:
+    """What every entry guard reads first: the revert count, the call's prefix, the attachment.
+
+    Raises:
+        PatchNotAppliedError: A prefix (given or attached) while the patch is not applied.
+    """
     before = reverts()  # read before the patch state (see run_whole)
     args, prefix = _take_prefix(args, kwargs)
     attachment = attachment_of(instance)
+    if not is_applied() and (prefix is not None or attachment is not None):
+        raise PatchNotAppliedError(f"a prefix was given to {type(instance).__name__}{what}: {status_line()}")
+    return before, args, prefix, attachment
+
+
+def entry_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Entry guard of ``forward``: resolve and publish the call's prefix."""
+    before, args, prefix, attachment = _enter(instance, args, kwargs, "")
     if not is_applied():
-        if prefix is not None or attachment is not None:
-            raise PatchNotAppliedError(f"a prefix was given to {type(instance).__name__}: {status_line()}")
         return wrapped(*args, **kwargs)
     if prefix is None:
         state = active_state()
@@ -278,12 +288,8 @@ def entry_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -
 
 def entry_generate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Entry guard of ``generate``: one prefix computation per call, expanded to beams and returned sequences."""
-    before = reverts()  # read before the patch state (see run_whole)
-    args, prefix = _take_prefix(args, kwargs)
-    attachment = attachment_of(instance)
+    before, args, prefix, attachment = _enter(instance, args, kwargs, ".generate()")
     if not is_applied():
-        if prefix is not None or attachment is not None:
-            raise PatchNotAppliedError(f"a prefix was given to {type(instance).__name__}.generate(): {status_line()}")
         return wrapped(*args, **kwargs)
     source = prefix if prefix is not None else (attachment.source if attachment else None)
     if source is None:

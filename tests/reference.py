@@ -746,6 +746,33 @@ def reference_sequence_logprob(
 # --------------------------------------------------------------------------
 
 
+#: The tiny configuration every test model shares (tests/models.py builds the relatives from it).
+TINY_DIMS = dict(
+    vocab_size=64,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=3,
+    encoder_attention_heads=4,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    encoder_layerdrop=0.0,
+    decoder_layerdrop=0.0,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    decoder_start_token_id=2,
+    forced_bos_token_id=None,
+    forced_eos_token_id=None,
+    scale_embedding=True,
+    init_std=0.2,
+)
+
+
 def tiny_config(**overrides) -> transformers.BartConfig:
     """Builds a tiny BART config for fast tests.
 
@@ -760,32 +787,7 @@ def tiny_config(**overrides) -> transformers.BartConfig:
     Returns:
         The config.
     """
-    kwargs = dict(
-        vocab_size=64,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=3,
-        encoder_attention_heads=4,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=48,
-        decoder_ffn_dim=48,
-        max_position_embeddings=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        encoder_layerdrop=0.0,
-        decoder_layerdrop=0.0,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_bos_token_id=None,
-        forced_eos_token_id=None,
-        scale_embedding=True,
-        init_std=0.2,
-    )
-    kwargs.update(overrides)
-    return transformers.BartConfig(**kwargs)
+    return transformers.BartConfig(**{**TINY_DIMS, **overrides})
 
 
 def tiny_model(seed: int = 0, attn_implementation: str = "eager", **config_overrides):
