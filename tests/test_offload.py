@@ -91,8 +91,9 @@ def test_prefix_as_a_layer_cache_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         with pytest.raises(bpp.PrefixMisplacedError, match=r"called directly"):
-            # The cache argument's name changed across releases (past_key_value on 4.44 - 4.55).
-            name = "past_key_values" if "past_key_values" in inspect.signature(attention.forward).parameters else "past_key_value"
+            # The cache argument's name changed across releases (past_key_value <= 4.55, cache on 5.24+).
+            parameters = inspect.signature(attention.forward).parameters
+            name = next(n for n in ("cache", "past_key_values", "past_key_value") if n in parameters)
             attention(torch.zeros(1, 3, model.config.d_model), **{name: bpp.Prefix()})
 
 
