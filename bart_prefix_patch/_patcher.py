@@ -66,16 +66,22 @@ def _original_lookup(module_name: str, qualname: str) -> Any:
     return None
 
 
-def apply(strict: bool = False, peft: Optional[bool] = None) -> bool:
+def apply(strict: bool = False, peft: Optional[bool] = None, unknown: Optional[str] = None) -> bool:
     """Patch transformers so BART attention honours prefixes.
 
     Args:
         strict: Raise instead of warning when the installed transformers is
-            not a known release.
+            refused (not in the table, or its self-check failed).
         peft: The PEFT prefix-tuning integration (docs/peft.md): True or False
             records the choice; None keeps the last one (initially on, unless
             the environment variable ``BART_PREFIX_PATCH_PEFT=0``). It is only
             active while the patch is applied.
+        unknown: What to do with a release whose fingerprints are in no table
+            entry: ``"refuse"`` (leave it unpatched, with a warning) or
+            ``"verify"`` (pick the fork by feature detection and patch only
+            if the behavioural self-check passes; a warning says which).
+            None: the environment variable ``BART_PREFIX_PATCH_UNKNOWN``,
+            else ``"refuse"``.
 
     Returns:
         True when the patch is applied (also when it already was), False when
@@ -84,30 +90,46 @@ def apply(strict: bool = False, peft: Optional[bool] = None) -> bool:
 
     Raises:
         UnsupportedTransformersError: With ``strict=True`` on a refused release.
+        ValueError: ``unknown`` is neither ``"refuse"`` nor ``"verify"``.
     """
-    applied = _apply(strict)
+    if unknown not in (None, "refuse", "verify"):
+        raise ValueError(f"unknown= must be 'refuse' or 'verify', got {unknown!r}")
+    applied = _apply(strict, unknown)
     from . import _peft  # late: _peft imports this module
 
     _peft.configure(peft)
     return applied
 
 
-def _apply(strict: bool) -> bool:
+def _apply(strict: bool, unknown: Optional[str] = None) -> bool:
     global _APPLIED, _GATE
     with _LOCK:
         _install_guards()
         if _APPLIED:
             return True
         _GATE = _compat.check(_original_lookup)
+        if not _GATE.ok and not _GATE.in_table:
+            # A release the table does not know: refused, or verified by behaviour (_verify.py).
+            from . import _verify
+
+            _GATE = _verify.unknown_release(_GATE, unknown, _install_fork, revert, _original_lookup)
         if not _GATE.ok:
             if strict:
                 raise UnsupportedTransformersError(_GATE.message)
             warnings.warn(_GATE.message, RuntimeWarning, stacklevel=3)
             return False
-        for owner, attr, wrapper in _GATE.fork.patches():
+        if _GATE.accepted_by == "self-check":
+            warnings.warn(_GATE.message, RuntimeWarning, stacklevel=3)
+        _install_fork(_GATE.fork)
+        return True
+
+
+def _install_fork(fork: Any) -> None:
+    global _APPLIED
+    if not _APPLIED:
+        for owner, attr, wrapper in fork.patches():
             _wrap(owner, attr, wrapper, _INSTALLED)
         _APPLIED = True
-        return True
 
 
 def revert() -> None:
