@@ -118,13 +118,17 @@ def test_altered_upstream_function_is_detected(monkeypatch):
     monkeypatch.setattr(modeling_bart.BartAttention, "forward", forward)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert bpp.apply() is False
+        assert bpp.apply(unknown="refuse") is False  # whatever BART_PREFIX_PATCH_UNKNOWN says
     assert not bpp.is_applied()
     message = str(caught[-1].message)
     assert "BartAttention.forward" in message and "supported" in message
+    assert "BART_PREFIX_PATCH_UNKNOWN=verify" in message
     assert modeling_bart.BartAttention.__dict__["forward"] is forward  # left unpatched
     with pytest.raises(bpp.UnsupportedTransformersError):
-        bpp.apply(strict=True)
+        bpp.apply(strict=True, unknown="refuse")
+    with pytest.raises(bpp.UnsupportedTransformersError, match="self-check"):
+        bpp.apply(strict=True, unknown="verify")  # this forward raises: the self-check fails
+    assert modeling_bart.BartAttention.__dict__["forward"] is forward
     monkeypatch.undo()
     assert bpp.apply(strict=True)
 
@@ -133,7 +137,7 @@ def test_unknown_release_is_refused(monkeypatch):
     bpp.revert()
     monkeypatch.setattr(_compat, "load_table", lambda: {"keys": ["x:y"], "sets": {"s": {"family": "E2", "fingerprints": {"x:y": "0"}}}, "releases": {"5.24.0": "s"}})
     with pytest.warns(RuntimeWarning, match="not patched"):
-        assert bpp.apply() is False
+        assert bpp.apply(unknown="refuse") is False
     monkeypatch.undo()
 
 
