@@ -4,12 +4,19 @@ The gate trusts code, not version strings: it fingerprints every upstream
 function the forks replace or rely on (:mod:`._fingerprint`) and looks the
 result up in ``_fingerprint_table.json``, generated from every release's
 wheel by ``tools/gen_fingerprints.py``. Only an exact match of a known
-release's fingerprints, in a family that has a fork, is patched.
+release's fingerprints, in a family that has a fork, is patched ("table").
+
+A release whose fingerprints are in no table entry is refused by default. With
+``apply(unknown="verify")`` (or ``BART_PREFIX_PATCH_UNKNOWN=verify``) its fork
+is chosen by feature detection (:func:`detect_fork`) and the release is
+accepted only if a behavioural self-check passes ("self-check"; see
+:mod:`._verify` and :mod:`._selfcheck`).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +41,10 @@ FORK_MODULES = {
 }
 
 #: Human-readable range, kept in step with FORK_MODULES and setup.cfg.
-SUPPORTED_RANGE = "4.44.0 - 5.24.x"
+SUPPORTED_RANGE = "4.44.0 - 5.25.x"
+
+#: The environment variable naming the policy for releases the table does not know.
+UNKNOWN_ENV = "BART_PREFIX_PATCH_UNKNOWN"
 
 
 @dataclass
@@ -53,6 +63,12 @@ class GateResult:
             Each model is gated on its own.
         drifted: The refused models whose code exists but differs from the
             table (a subset of ``models``), model type -> why.
+        accepted_by: How the release was accepted: ``"table"`` (its
+            fingerprints are a known release's), ``"self-check"`` (unknown,
+            verified by behaviour), None (refused).
+        in_table: Whether the shared upstream code matches a table entry.
+        fingerprints: The installed fingerprints of every key.
+        selfcheck: The self-check's result (:class:`._selfcheck.SelfCheckResult`) when one ran.
     """
 
     version: str
@@ -63,6 +79,10 @@ class GateResult:
     mismatched: list[str] = field(default_factory=list)
     models: dict[str, Optional[str]] = field(default_factory=dict)
     drifted: dict[str, str] = field(default_factory=dict)
+    accepted_by: Optional[str] = None
+    in_table: bool = False
+    fingerprints: dict[str, str] = field(default_factory=dict, repr=False)
+    selfcheck: Any = None
 
     @property
     def ok(self) -> bool:
@@ -132,14 +152,24 @@ def check(original: Optional[Callable[[str, str], Any]] = None) -> GateResult:
         closest = table["releases"].get(version) or _closest_set(table, relevant)
         known = table["sets"][closest]["fingerprints"] if closest else {}
         mismatched = sorted(k for k, v in known.items() if relevant.get(k) != v)
+        # Which models' own code some release had (what a self-check on BART can vouch for the rest).
+        anywhere = set().union(*(matching_models(entry["fingerprints"]) for entry in table["sets"].values()))
+        models = {
+            model: None if model in anywhere else f"its code in transformers {version} is in no table entry"
+            for model in present
+        }
         return GateResult(
             version,
             mismatched=mismatched,
+            models=models,
+            fingerprints=installed,
             message=(
                 f"bart_prefix_patch: transformers {version} is not patched: its code does not match any release "
                 f"in the fingerprint table ({len(table['releases'])} releases {_first_last(table)}); supported: {SUPPORTED_RANGE}. Differing functions: "
-                f"{', '.join(mismatched) or 'none'}. Install a supported release "
-                "(pip install 'transformers>=4.44,<5.25'), or see docs/adding-a-transformers-version.md."
+                f"{', '.join(mismatched) or 'none'}. Set {UNKNOWN_ENV}=verify (or call "
+                "bart_prefix_patch.apply(unknown='verify')) to patch it if a behavioural self-check passes, install "
+                "a supported release (pip install 'transformers>=4.44,<5.26'), or see "
+                "docs/adding-a-transformers-version.md."
             ),
         )
     entry = table["sets"][chosen]["fingerprints"]
@@ -171,6 +201,8 @@ def check(original: Optional[Callable[[str, str], Any]] = None) -> GateResult:
             version,
             family=family,
             release=release,
+            in_table=True,
+            fingerprints=installed,
             message=(
                 f"bart_prefix_patch: transformers {version} (family {family}) is known but has no fork yet; "
                 f"supported: {SUPPORTED_RANGE}. Nothing was patched."
@@ -178,8 +210,76 @@ def check(original: Optional[Callable[[str, str], Any]] = None) -> GateResult:
         )
     return GateResult(
         version, family=family, release=release, fork=fork, message=f"family {family}, fork {fork.__name__}",
-        mismatched=mismatched, models=models, drifted=drifted,
+        mismatched=mismatched, models=models, drifted=drifted, accepted_by="table", in_table=True,
+        fingerprints=installed,
     )
+
+
+# ------------------------------------------------- feature detection (unknown releases)
+
+
+def _upstream_features(original: Optional[Callable[[str, str], Any]] = None) -> set[str]:
+    """What the installed code of the table's reference row (BART) looks like, read from the upstream objects."""
+    row = ARCHITECTURES["bart"]
+    module = importlib.import_module(row.module)
+
+    def upstream(qualname: str) -> Any:
+        found = original(row.module, qualname) if original else None
+        return found if found is not None else _fingerprint.resolve(row.module, qualname)
+
+    features: set[str] = set()
+    forward = upstream(f"{row.prefix}Attention.forward")
+    if forward is None:
+        return features
+    try:
+        # signature() follows __wrapped__ (deprecate_kwarg's exposed names included).
+        features.update(f"param:{name}" for name in inspect.signature(forward).parameters)
+        source = inspect.getsource(inspect.unwrap(forward))
+    except (TypeError, ValueError, OSError):
+        source = ""
+    if "is_updated" in source:
+        features.add("is_updated")
+    if hasattr(module, f"{row.prefix}SdpaAttention"):
+        features.add("per-implementation classes")
+    if "prepare_inputs_for_generation" in vars(getattr(module, row.head_class)):
+        features.add("own prepare_inputs_for_generation")
+    return features
+
+
+#: Newest family first: (family, features that must be present, features that must be absent).
+#: The forks branch on these same features (the argument names, the cache layout, the classes).
+FAMILY_FEATURES: tuple[tuple[str, frozenset, frozenset], ...] = (
+    ("E2", frozenset({"param:cache", "param:key_value_states"}), frozenset({"param:layer_head_mask"})),
+    ("E", frozenset({"param:past_key_values", "param:key_value_states"}),
+     frozenset({"param:layer_head_mask", "param:cache_position", "param:output_attentions"})),
+    ("D", frozenset({"param:cache_position", "param:key_value_states"}), frozenset({"param:layer_head_mask"})),
+    ("C", frozenset({"param:layer_head_mask", "is_updated"}), frozenset({"per-implementation classes"})),
+    ("B", frozenset({"param:layer_head_mask", "is_updated", "per-implementation classes"}), frozenset()),
+    ("A2", frozenset({"param:layer_head_mask", "per-implementation classes"}),
+     frozenset({"is_updated", "own prepare_inputs_for_generation"})),
+    ("A1", frozenset({"param:layer_head_mask", "per-implementation classes", "own prepare_inputs_for_generation"}),
+     frozenset({"is_updated"})),
+)
+
+
+def detect_fork(original: Optional[Callable[[str, str], Any]] = None) -> tuple[Optional[str], Optional[ModuleType], str]:
+    """Pick a fork for a release the table does not know, by the features of its code.
+
+    Returns:
+        ``(family, fork module, explanation)``; family and fork are None when no
+        family's features are all present or its fork cannot be imported.
+    """
+    features = _upstream_features(original)
+    for family, present, absent in FAMILY_FEATURES:
+        if present <= features and not (absent & features):
+            try:
+                fork = importlib.import_module(f".forks.{FORK_MODULES[family]}", __package__)
+            except Exception as error:  # an unknown release may break a fork's imports
+                return None, None, f"family {family} by feature detection, but its fork does not import ({type(error).__name__}: {error})"
+            if family not in getattr(fork, "FAMILIES", ()):
+                return None, None, f"family {family} by feature detection has no fork"
+            return family, fork, f"family {family} by feature detection, fork {fork.__name__}"
+    return None, None, "no family's features match the installed BART code"
 
 
 def _closest_set(table: dict[str, Any], relevant: dict[str, str]) -> Optional[str]:

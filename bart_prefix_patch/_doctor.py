@@ -76,11 +76,12 @@ def _checks(reference) -> list[tuple[str, Callable[[], Optional[str]]]]:
 
     def no_prefix_identical():
         patched = sdpa(ids, decoder_input_ids=dec).logits
+        gate = _patcher.gate()
         _patcher.revert()
         try:
             stock = sdpa(ids, decoder_input_ids=dec).logits
-        finally:
-            _patcher.apply()
+        finally:  # as accepted before: a release verified by the self-check stays so (its result is cached)
+            _patcher.apply(unknown="verify" if gate is not None and gate.accepted_by == "self-check" else None)
         return None if torch.equal(patched, stock) else "outputs without a prefix differ from unpatched transformers"
 
     def input_dependent():
@@ -124,6 +125,15 @@ def _checks(reference) -> list[tuple[str, Callable[[], Optional[str]]]]:
     return checks
 
 
+def _print_selfcheck(gate) -> None:
+    result = getattr(gate, "selfcheck", None)
+    if result is None:
+        return
+    print(f"behavioural self-check at import: {'passed' if result.passed else 'FAILED'} ({result.seconds:.1f} s)")
+    for check in result.checks:
+        print(f"  [{'PASS' if check.passed else 'FAIL'}] {check.name}" + ("" if check.passed else f": {check.detail}"))
+
+
 def doctor() -> int:
     """Print the environment and run the self-check; 0 only if all passes."""
     import transformers
@@ -133,9 +143,18 @@ def doctor() -> int:
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
     if gate is None or not gate.ok:
         print(f"patch: NOT APPLIED\n{gate.message if gate else 'apply() was never called'}")
+        _print_selfcheck(gate)
         return 1
     print(f"patch: applied={_patcher.is_applied()}, family {gate.family}, fork {gate.fork.__name__}")
-    print(f"fingerprints: all known (identical to transformers {gate.release})")
+    if gate.accepted_by == "self-check":
+        print(f"accepted by: the self-check (transformers {gate.version} is not in the fingerprint table; "
+              f"differing functions: {', '.join(gate.mismatched) or 'none'})")
+        _print_selfcheck(gate)
+    else:
+        print(f"accepted by: the fingerprint table (identical to transformers {gate.release})")
+    refused = {model: why for model, why in gate.models.items() if why}
+    print(f"models patched: {', '.join(gate.patched_models) or 'none'}"
+          + (f"; not patched: {'; '.join(f'{m} ({w})' for m, w in refused.items())}" if refused else ""))
     _print_patches()
     reference = _load_reference()
     if reference is None:

@@ -14,10 +14,10 @@ live above this layer and are never imported here: they call
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
-from . import _compat, _registry
+from . import _compat, _registry, _verify
 from ._architectures import ARCHITECTURES
 from ._guards import guard_targets, method_wrapper, refusal_targets
 from ._models import head_classes, modeling_module
@@ -58,7 +58,7 @@ def register_integration(
             on_apply(True, {})
 
 
-def apply(strict: bool = False, peft: Optional[bool] = None) -> bool:
+def apply(strict: bool = False, peft: Optional[bool] = None, unknown: Optional[str] = None) -> bool:
     """Patch transformers so the attention of every supported model honours prefixes.
 
     Args:
@@ -68,6 +68,13 @@ def apply(strict: bool = False, peft: Optional[bool] = None) -> bool:
             records the choice; None keeps the last one (initially on, unless
             the environment variable ``BART_PREFIX_PATCH_PEFT=0``). It is only
             active while the patch is applied.
+        unknown: What to do with a release whose fingerprints are in no table
+            entry: ``"refuse"`` (leave it unpatched, with a warning) or
+            ``"verify"`` (pick the fork by feature detection and patch only
+            if the behavioural self-check passes; a warning says which).
+            None: the environment variable ``BART_PREFIX_PATCH_UNKNOWN``,
+            else ``"refuse"``. Under ``"verify"`` a release where only BART's
+            own code drifted is verified the same way.
 
     Returns:
         True when the patch is applied (also when it already was), False when
@@ -76,8 +83,10 @@ def apply(strict: bool = False, peft: Optional[bool] = None) -> bool:
 
     Raises:
         UnsupportedTransformersError: With ``strict=True`` on a refused release.
+        ValueError: ``unknown`` is neither ``"refuse"`` nor ``"verify"``.
     """
-    applied = _apply(strict)
+    _verify.resolve_mode(unknown)  # a bad value is refused before anything changes
+    applied = _apply(strict, unknown)
     options = {"peft": peft}
     for integration in list(_INTEGRATIONS.values()):
         if integration.on_apply is not None:
@@ -105,32 +114,64 @@ def _install_guards() -> None:
         _registry.install("guards", owner, attr, make, permanent=True)
 
 
-def _apply(strict: bool) -> bool:
+def _apply(strict: bool, unknown: Optional[str] = None) -> bool:
     global _GATE
     with _registry.LOCK:
         _install_guards()
         if _registry.is_applied():
             return True
         _GATE = _compat.check(_registry.original_if_patched)
+        if (not _GATE.ok and not _GATE.in_table) or _VERIFIABLE in _GATE.drifted:
+            # Code the table does not know: refused, or verified by behaviour (_verify.py).
+            _GATE = _verify.unknown_release(_GATE, unknown, _install_fork, revert, _registry.original_if_patched)
+            if _GATE.accepted_by == "self-check":  # the self-check vouches for BART's own code too
+                _GATE = replace(
+                    _GATE,
+                    models={**_GATE.models, _VERIFIABLE: None},
+                    drifted={m: why for m, why in _GATE.drifted.items() if m != _VERIFIABLE},
+                )
+            elif _GATE.ok and _GATE.selfcheck is not None:  # BART alone drifted and failed its check
+                warnings.warn(_GATE.message, RuntimeWarning, stacklevel=3)
         if not _GATE.ok:
             _registry.set_status(False, _GATE.message)
             if strict:
                 raise UnsupportedTransformersError(_GATE.message)
             warnings.warn(_GATE.message, RuntimeWarning, stacklevel=3)
             return False
-        refused = {model: reason for model, reason in _GATE.models.items() if reason is not None}
+        if strict and _GATE.selfcheck is not None and not _GATE.selfcheck.passed:
+            raise UnsupportedTransformersError(_GATE.message)
         if strict and _GATE.drifted:
             raise UnsupportedTransformersError(
                 "; ".join(f"bart_prefix_patch: {model} is not patched: {why}" for model, why in _GATE.drifted.items())
             )
-        for row in _present_rows():
-            if row.model_type not in refused:
-                for owner, attr, wrapper in _GATE.fork.patches(modeling_module(row), row.prefix):
-                    _registry.install("forks", owner, attr, method_wrapper(wrapper))
-        _registry.set_status(True, models=refused)
+        if _GATE.accepted_by == "self-check":
+            warnings.warn(_GATE.message, RuntimeWarning, stacklevel=3)
+        _install_fork(_GATE.fork, _GATE.models)
         for model, why in _GATE.drifted.items():  # drifted code, not merely absent from this release
             warnings.warn(f"bart_prefix_patch: {model} is not patched (the other models are): {why}", RuntimeWarning, stacklevel=3)
         return True
+
+
+#: The model the self-check exercises: the only one whose drifted code ``unknown="verify"`` can vouch for.
+_VERIFIABLE = "bart"
+
+
+def _install_fork(fork: Any, models: Optional[dict] = None) -> None:
+    """Install ``fork`` for every present model not refused in ``models`` and mark the patch applied.
+
+    Args:
+        models: Model type -> None (patch it) or why not; None patches only the
+            self-check's model (what a verification run exercises).
+    """
+    refused = {m: why for m, why in (models or {}).items() if why} if models is not None else None
+    for row in _present_rows():
+        wanted = row.model_type == _VERIFIABLE if refused is None else row.model_type not in refused
+        if wanted:
+            for owner, attr, wrapper in fork.patches(modeling_module(row), row.prefix):
+                _registry.install("forks", owner, attr, method_wrapper(wrapper))
+    _registry.set_status(True, models=refused if refused is not None else {
+        row.model_type: "not verified (the self-check runs BART)" for row in _present_rows() if row.model_type != _VERIFIABLE
+    })
 
 
 def revert() -> None:

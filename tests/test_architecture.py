@@ -24,20 +24,20 @@ LAYERS = {
     # 0: errors, version, shared names
     "errors": 0, "_version": 0, "_constants": 0,
     # 1: per-call state, the patch registry, the architecture table, fingerprint hashing
-    "_state": 1, "_registry": 1, "_architectures": 1, "_fingerprint": 1,
+    "_state": 1, "_registry": 1, "_architectures": 1, "_fingerprint": 1, "_reference": 1,
     # 2: model knowledge (introspection over the table)
     "_models": 2,
     # 3: the Prefix type, the version gate, the forks
     "prefix": 3, "_compat": 3, "forks": 3, "forks._common": 3, "forks._masks": 3,
     "forks.bart_v4_tuple": 3, "forks.bart_v4_cache": 3, "forks.bart_v5": 3,
     # 4: attach/detach, entry guards, apply/revert
-    "_attach": 4, "_guards": 4, "_patcher": 4,
+    "_attach": 4, "_guards": 4, "_selfcheck": 4, "_verify": 4, "_patcher": 4,
     # 5: PrefixEncoder, the on-disk format, tuning
     "encoder": 5, "io": 5, "tuning": 5, "bank": 5,
     # 6: integrations, which register themselves with the patcher
     "_saving": 6, "trainer": 6, "_peft": 6,
     # 7: wiring, diagnostics, CLI
-    "__init__": 7, "_doctor": 7, "_selfcheck": 7, "_cli": 7, "_demo": 7, "__main__": 7,
+    "__init__": 7, "_doctor": 7, "_cli": 7, "_demo": 7, "__main__": 7,
 }
 
 

@@ -122,7 +122,7 @@ def test_altered_model_function_refuses_that_model_alone(monkeypatch):
     monkeypatch.setattr(modeling_bart.BartAttention, "forward", forward)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert bpp.apply() is True
+        assert bpp.apply(unknown="refuse") is True  # whatever BART_PREFIX_PATCH_UNKNOWN says
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert any("bart is not patched" in m and "BartAttention.forward" in m for m in messages), messages
     assert modeling_bart.BartAttention.__dict__["forward"] is forward  # left unpatched
@@ -135,7 +135,14 @@ def test_altered_model_function_refuses_that_model_alone(monkeypatch):
         bpp.attach(model, make_prefix(model.config))
     bpp.revert()
     with pytest.raises(bpp.UnsupportedTransformersError, match="bart"):
-        bpp.apply(strict=True)
+        bpp.apply(strict=True, unknown="refuse")
+    bpp.revert()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert bpp.apply(unknown="verify") is True  # this forward raises: BART's self-check fails, BART stays refused
+    assert any("self-check" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert modeling_bart.BartAttention.__dict__["forward"] is forward and bpp.gate().models["bart"] is not None
+    bpp.revert()
     monkeypatch.undo()
     bpp.revert()
     assert bpp.apply(strict=True)
@@ -153,12 +160,15 @@ def test_altered_shared_function_refuses_everything(monkeypatch):
     monkeypatch.setattr(EncoderDecoderCache, "reorder_cache", reorder_cache)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert bpp.apply() is False
+        assert bpp.apply(unknown="refuse") is False
     assert not bpp.is_applied()
     message = str(caught[-1].message)
     assert "EncoderDecoderCache.reorder_cache" in message and "supported" in message
+    assert "BART_PREFIX_PATCH_UNKNOWN=verify" in message
     with pytest.raises(bpp.UnsupportedTransformersError):
-        bpp.apply(strict=True)
+        bpp.apply(strict=True, unknown="refuse")
+    with pytest.raises(bpp.UnsupportedTransformersError, match="self-check"):
+        bpp.apply(strict=True, unknown="verify")  # this reorder raises: beam search fails the self-check
     monkeypatch.undo()
     assert bpp.apply(strict=True)
 
@@ -167,7 +177,7 @@ def test_unknown_release_is_refused(monkeypatch):
     bpp.revert()
     monkeypatch.setattr(_compat, "load_table", lambda: {"keys": ["x:y"], "sets": {"s": {"family": "E2", "fingerprints": {"x:y": "0"}}}, "releases": {"5.24.0": "s"}})
     with pytest.warns(RuntimeWarning, match="not patched"):
-        assert bpp.apply() is False
+        assert bpp.apply(unknown="refuse") is False
     monkeypatch.undo()
 
 

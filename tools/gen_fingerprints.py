@@ -6,9 +6,16 @@ the very ``fingerprint_source`` the runtime gate uses, and write a
 deduplicated table: releases -> fingerprint set id -> {family, fingerprints}.
 
 Usage:
+    python tools/gen_fingerprints.py --add 5.25.0       # one new release: hash, assign family, update table
     python tools/gen_fingerprints.py                    # whole range, write table
     python tools/gen_fingerprints.py --versions 5.24.0  # restrict releases
     python tools/gen_fingerprints.py --check            # exit 1 if table is stale
+
+``--add`` merges one release into the checked-in table. Its family is the
+matching set's when its fingerprints equal a known set; else the family of
+the newest release whose ``modeling_bart`` functions hash the same (only
+shared helpers changed); else it is only proposed, from the shape of
+``BartAttention.forward``, and written when confirmed with ``--family``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LOW, HIGH = (4, 44, 0), (5, 25)  # supported range: LOW <= v < HIGH
+LOW, HIGH = (4, 44, 0), (5, 26)  # supported range: LOW <= v < HIGH
 
 try:
     from packaging.version import Version
@@ -91,7 +98,7 @@ def family_by_version(version: str) -> str:
     v = vkey(version)[:2]
     for family, lo, hi in (("A1", (4, 36), (4, 46)), ("A2", (4, 46), (4, 52)), ("B", (4, 52), (4, 53)),
                            ("C", (4, 53), (4, 58)), ("D", (5, 0), (5, 4)), ("E", (5, 4), (5, 24)),
-                           ("E2", (5, 24), (5, 25))):
+                           ("E2", (5, 24), (5, 26))):
         if lo <= v < hi:
             return family
     raise ValueError(f"no family for transformers {version}")
@@ -184,13 +191,80 @@ def build_table(versions: list[str], cache: Path) -> dict:
             "releases": releases, "sets": dict(sorted(sets.items()))}
 
 
+def _write(table: dict, path: Path) -> None:
+    # One value per line, so table diffs stay readable.
+    path.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+
+
+def add_release(version: str, out: Path, cache: Path, family: str | None = None) -> int:
+    """Fingerprint one release and merge it into the table at ``out``; the exit code.
+
+    0: added (or already there); 2: the family could not be assigned and was
+    only proposed (rerun with ``--family``); 1: the table does not fit.
+    """
+    table = json.loads(out.read_text(encoding="utf-8"))
+    keys = sorted(f"{m}:{n}" for m, names in FINGERPRINTED.items() for n in names)
+    if table["keys"] != keys:
+        print("FINGERPRINTED changed since the table was generated: regenerate it whole "
+              "(python tools/gen_fingerprints.py)")
+        return 1
+    cache.mkdir(parents=True, exist_ok=True)
+    print(f"transformers {version}: downloading the wheel (pip download --no-deps) ...", flush=True)
+    fingerprints, bart = fingerprint_wheel(fetch_wheel(version, cache))
+    fingerprints = dict(sorted(fingerprints.items()))
+    sid = set_id(fingerprints)
+    by_release = sorted(table["releases"].items(), key=lambda item: vkey(item[0]))
+    if sid in table["sets"]:
+        known = table["sets"][sid]["family"]
+        if family and family != known:
+            print(f"ERROR: {version} has the fingerprints of set {sid} (family {known}), not {family}")
+            return 1
+        family, reason = known, f"its fingerprints equal set {sid}"
+    else:
+        newest = next(((r, s) for r, s in reversed(by_release)), None)
+        if newest:
+            old = table["sets"][newest[1]]["fingerprints"]
+            changed = [k for k in keys if old.get(k) != fingerprints[k]]
+            print(f"differs from {newest[0]} in: " + (", ".join(changed) or "nothing"))
+        models = {row.module for row in ARCH.ARCHITECTURES.values()}
+        same_models = [(r, s) for r, s in reversed(by_release)
+                       if all(table["sets"][s]["fingerprints"][k] == fingerprints[k] for k in keys
+                              if k.split(":")[0] in models)]
+        code = family_by_code(bart)
+        if family:
+            reason = "given with --family"
+        elif same_models:
+            release, other = same_models[0]
+            family = table["sets"][other]["family"]
+            reason = f"every model's functions hash as in {release} (family {family}); only shared helpers changed"
+        else:
+            print(f"PROPOSED family: {code or '(none: BartAttention.forward has an unknown shape)'} "
+                  "(read off BartAttention.forward). A model's code changed: diff it against the previous release "
+                  "(docs/adding-a-transformers-version.md), then confirm with "
+                  f"--add {version} --family {code or 'NAME'}")
+            return 2
+    table["releases"][version] = sid
+    table["releases"] = dict(sorted(table["releases"].items(), key=lambda item: vkey(item[0])))
+    table["sets"][sid] = {"family": family, "fingerprints": fingerprints}
+    table["sets"] = dict(sorted(table["sets"].items()))
+    _write(table, out)
+    print(f"transformers {version}: family {family} ({reason}); set {sid}; wrote {out}")
+    print("next: requirements/transformers-X.txt + PINS in noxfile.py, nox -s \"tests(X)\", then widen "
+          "SUPPORTED_RANGE (_compat.py), LOW/HIGH here and the docs")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--add", metavar="VERSION", help="fingerprint one new release and merge it into the table")
+    parser.add_argument("--family", help="with --add: the family to record when it can only be proposed")
     parser.add_argument("--versions", nargs="+", help="only these releases (default: all finals in range)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/bart_prefix_patch_wheels"), help="wheel dir")
     parser.add_argument("--out", type=Path, default=ROOT / "bart_prefix_patch" / "_fingerprint_table.json")
     parser.add_argument("--check", action="store_true", help="exit non-zero if the table at --out is stale")
     args = parser.parse_args()
+    if args.add:
+        return add_release(args.add, args.out, args.cache, args.family)
     start = time.monotonic()
     versions = args.versions or [v for v in available_versions()
                                  if is_final(v) and LOW <= vkey(v) and vkey(v)[:2] < HIGH]
@@ -199,7 +273,7 @@ def main() -> int:
     table = build_table(versions, args.cache)
     families = Counter(s["family"] for s in table["sets"].values())
     print("distinct fingerprint sets per family:", dict(sorted(families.items())))
-    text = json.dumps(table, indent=1) + "\n"  # one value per line, so table diffs stay readable
+    text = json.dumps(table, indent=1) + "\n"  # as _write(): one value per line
     if args.check:
         current = args.out.read_text(encoding="utf-8")
         if args.versions:  # a restricted check can only compare the requested releases' sets
