@@ -57,7 +57,10 @@ class Settings:
     seed: int = 0
 
 
-QUICK = Settings(pretrain_steps=300, tune_steps=150, batch_size=64, eval_size=64, min_length=2, max_length=3)
+# The quick run's 150 steps at 5e-3 still collapsed on some CPUs (exact match 1.6% -> 1.6% for seed 0
+# on one machine); at 2e-3 seeds 0-4 reach 75 / 84 / 55 / 58 / 100% there.
+QUICK = Settings(pretrain_steps=300, tune_steps=150, batch_size=64, eval_size=64, min_length=2, max_length=3,
+                 tune_lr=2e-3)
 
 
 # ----------------------------------------------------------------- data
