@@ -213,3 +213,25 @@ def test_stacked_prefixes_match_each_example_alone(family_model):
         torch.testing.assert_close(got[one], want, atol=ATOL, rtol=ATOL)
         alone = reference_greedy(model, ids[one], NEW, attention_mask=mask[one], prefix=entry)
         assert tokens[one, : alone.shape[1]].tolist() == alone.tolist()
+
+
+@pytest.mark.parametrize("model_type", ["marian", "m2m_100", "mbart"])
+def test_save_pretrained_and_load_prefix_tuned(model_type, tmp_path):
+    """save_pretrained writes the base weights and the prefix beside them; load_prefix_tuned builds the
+    checkpoint's own head (AutoModelForSeq2SeqLM) with the prefix attached."""
+    from bart_prefix_patch.trainer import load_prefix_tuned
+
+    if not available(model_type):
+        pytest.skip(f"no {model_type} in this transformers release")
+    model = tiny_family_model(model_type)
+    encoder = bpp.add_prefix_tuning(model, prefix_length=3, hidden_size=16)
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.normal_(0.0, 0.5)
+    ids, mask = source_batch(model.config)
+    dec = _decoder_ids(model)
+    want = model(ids, attention_mask=mask, decoder_input_ids=dec).logits
+    model.save_pretrained(tmp_path)
+    loaded = load_prefix_tuned(tmp_path)
+    assert type(loaded) is type(model) and bpp.attached(loaded) is not None
+    torch.testing.assert_close(loaded(ids, attention_mask=mask, decoder_input_ids=dec).logits, want, atol=1e-5, rtol=0)
