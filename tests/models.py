@@ -189,14 +189,4 @@ def tiny_family_model(model_type: str, seed: int = 0, attn_implementation: str =
     torch.manual_seed(seed)
     cls = getattr(transformers, fam.head)
     model = cls._from_config(config, attn_implementation=attn_implementation)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.add_(0.1 * torch.randn_like(module.weight))
-                module.bias.add_(0.1 * torch.randn_like(module.bias))
-            elif isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.add_(0.1 * torch.randn_like(module.bias))
-        bias = getattr(model, "final_logits_bias", None)
-        if bias is not None:
-            bias.add_(0.5 * torch.randn_like(bias))
-    return model.eval()
+    return R.randomize_(model).eval()

@@ -808,15 +808,25 @@ def tiny_model(seed: int = 0, attn_implementation: str = "eager", **config_overr
     config = tiny_config(**config_overrides)
     torch.manual_seed(seed)
     model = transformers.BartForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.add_(0.1 * torch.randn_like(module.weight))
-                module.bias.add_(0.1 * torch.randn_like(module.bias))
-            elif isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.add_(0.1 * torch.randn_like(module.bias))
-        model.final_logits_bias.add_(0.5 * torch.randn_like(model.final_logits_bias))
-    return model.eval()
+    return randomize_(model).eval()
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module) -> torch.nn.Module:
+    """Randomise what init leaves at zero/one (LayerNorms, Linear biases, ``final_logits_bias``), in place.
+
+    A reference that forgot any of them would then disagree with the stock model.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.weight.add_(0.1 * torch.randn_like(module.weight))
+            module.bias.add_(0.1 * torch.randn_like(module.bias))
+        elif isinstance(module, torch.nn.Linear) and module.bias is not None:
+            module.bias.add_(0.1 * torch.randn_like(module.bias))
+    bias = getattr(model, "final_logits_bias", None)
+    if bias is not None:
+        bias.add_(0.5 * torch.randn_like(bias))
+    return model
 
 
 def random_prefix(

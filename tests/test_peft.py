@@ -699,21 +699,29 @@ def test_lazy_install_switch_and_one_warning(imports):
 # ------------------------------------------------------------- BART's relatives
 
 
-@pytest.mark.parametrize("model_type", ["mbart", "marian", "pegasus", "m2m_100"])
-def test_relatives_forward_and_generate_match_reference(model_type):
-    """PEFT prefix tuning of a relative: forward and greedy generate() equal the reference with docs/peft.md's prefix."""
-    from models import available, decoder_vocab_size, tiny_family_model
-    from reference import reference_greedy
+def _relative_peft(model_type, **overrides):
+    """A tiny relative wrapped by get_peft_model with a random (non-zero) prefix-tuning adapter."""
+    from models import available, tiny_family_model
 
     if not available(model_type):
         pytest.skip(f"no {model_type} in this transformers release")
-    base = tiny_family_model(model_type, seed=0)
-    model = get_peft_model(base, PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
+    model = get_peft_model(tiny_family_model(model_type, seed=0, **overrides),
+                           PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
     generator = torch.Generator().manual_seed(10)
     with torch.no_grad():
         for parameter in model.prompt_encoder.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2.0)
-    model.eval()
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_type", ["mbart", "marian", "pegasus", "m2m_100"])
+def test_relatives_forward_and_generate_match_reference(model_type):
+    """PEFT prefix tuning of a relative: forward and greedy generate() equal the reference with docs/peft.md's prefix."""
+    from models import decoder_vocab_size
+    from reference import reference_greedy
+
+    model = _relative_peft(model_type)
+    base = model.get_base_model()
     ids, mask = source_batch(base.config, pad_last=2)
     dec = target_batch(base.config).clamp(max=decoder_vocab_size(base.config) - 1)
     prefix = expected_prefix(model)
@@ -729,17 +737,10 @@ def test_relatives_forward_and_generate_match_reference(model_type):
 def test_relatives_legacy_semantics_equal_stock_peft(model_type):
     """Legacy positions on a relative: the shift hook finds each positional embedding's length argument by name
     (M2M100 passes it third), so the legacy forward equals stock PEFT's own training-time forward."""
-    from models import available, decoder_vocab_size, tiny_family_model
+    from models import decoder_vocab_size
 
-    if not available(model_type):
-        pytest.skip(f"no {model_type} in this transformers release")
-    base = tiny_family_model(model_type, seed=0, **CONFIGS["same"])
-    model = get_peft_model(base, PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
-    generator = torch.Generator().manual_seed(10)
-    with torch.no_grad():
-        for parameter in model.prompt_encoder.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2.0)
-    model.eval()
+    model = _relative_peft(model_type, **CONFIGS["same"])
+    base = model.get_base_model()
     bpp.set_peft_semantics(model, "legacy")
     ids, mask = source_batch(base.config, pad_last=2)
     dec = target_batch(base.config).clamp(max=decoder_vocab_size(base.config) - 1)
