@@ -2,6 +2,7 @@
 
     python benchmarks/bench_compile.py           # d_model 256, 3+3 layers, batch 2, source 64, 16 new tokens
     python benchmarks/bench_compile.py --quick   # tiny model, 2 rounds: the CI smoke test
+    python benchmarks/bench_compile.py --control # A/A: both workers stock (how far two processes differ)
 
 Importing ``bart_prefix_patch`` patches transformers for the whole process, so
 stock and patched run in two long-lived worker processes
@@ -25,6 +26,10 @@ over rounds with its min-max. One timed command is ``--repeat`` calls in a row
 Graph breaks are counted in each worker: ``torch._dynamo.explain`` of the
 forward (as tests/test_compile.py counts), and dynamo's ``graph_break`` counter
 while the compiled forward and the compiled ``generate()`` warmed up.
+
+``--control`` starts the second worker stock as well (an A/A run): its ratio is
+what two identical processes measure apart on this machine, the yardstick for
+the patched/stock ratio.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="greedy new tokens (default 16; --quick 4)")
     p.add_argument("--repeat-forward", type=int, default=None, help="forward calls per timed command (default 20)")
     p.add_argument("--repeat-generate", type=int, default=None, help="generate calls per timed command (default 4)")
+    p.add_argument("--control", action="store_true", help="A/A control: the second worker is stock too")
     args = p.parse_args()
     quick = args.quick
     args.rounds = args.rounds or (2 if quick else 20)
@@ -106,17 +112,19 @@ def main() -> int:
                 "new_tokens": args.new_tokens}
 
     started = C.time.perf_counter()
-    workers = {kind: Worker(kind, settings) for kind in ("stock", "patched")}  # compile side by side
+    second = "stock" if args.control else "patched"
+    workers = {"stock": Worker("stock", settings), "patched": Worker(second, settings)}  # compile side by side
     try:
         info = {kind: worker.ready() for kind, worker in workers.items()}
-        if info["stock"]["patched"] or not info["patched"]["patched"]:
+        if info["stock"]["patched"] or info["patched"]["patched"] != (not args.control):
             raise RuntimeError(f"worker set-up wrong: {info}")
+        row = "stock, 2nd process (A/A control)" if args.control else "patched, no prefix (compiled)"
         timings = {}
         for command, repeat in (("forward", args.repeat_forward), ("generate", args.repeat_generate)):
             print(f"[{command}] {args.rounds} bracketed rounds, {repeat} calls per timed command",
                   file=sys.stderr, flush=True)
             variants = {name: (lambda w=workers[kind], c=command, n=repeat: w.call(c, n))
-                        for name, kind in (("stock (compiled)", "stock"), ("patched, no prefix (compiled)", "patched"))}
+                        for name, kind in (("stock (compiled)", "stock"), (row, "patched"))}
             timings[command] = C.paired_rounds(variants, "stock (compiled)", args.rounds, timer=lambda v: v())
     finally:
         for worker in workers.values():
@@ -131,7 +139,7 @@ def main() -> int:
                            ("generate", f"greedy generate, {args.new_tokens} new tokens (compiled forward)")):
         t = timings[command]
         repeat = args.repeat_forward if command == "forward" else args.repeat_generate
-        for name, kind in (("stock (compiled)", "stock"), ("patched, no prefix (compiled)", "patched")):
+        for name, kind in (("stock (compiled)", "stock"), (row, "patched")):
             e = t[name]
             per_call_ms = 1000 * statistics.median(e["cpu_s"]) / repeat
             explain = info[kind]["forward_explain_graph_breaks"] if command == "forward" else "-"
@@ -154,7 +162,7 @@ def main() -> int:
                "dims": dims, "workers": info, "timing": timings, "same_output": same,
                "wall_s": C.time.perf_counter() - started}
     print(f"\nwall time {results['wall_s']:.0f} s")
-    C.write_results("compile", args, results)
+    C.write_results("compile_control" if args.control else "compile", args, results)
     return 0
 
 
