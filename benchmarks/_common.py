@@ -264,6 +264,7 @@ def paired_rounds(
     only_rounds: Optional[dict[str, int]] = None,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
     timer: Callable[[Callable[[], object]], "Measurement"] = None,
+    on_round: Callable[[int], None] = None,
 ) -> dict:
     """Time every variant against ``baseline`` in bracketed, alternating rounds; one process.
 
@@ -275,7 +276,8 @@ def paired_rounds(
     ratio over rounds, with min and max, and the ratio of the fastest runs
     (``min B / min variant``: contention only ever adds time). ``only_rounds``
     limits slow variants to their first N rounds. ``timer`` replaces :func:`measure`
-    (bench_compile.py: the call runs, and is timed, in a worker process).
+    (bench_compile.py: the call runs, and is timed, in a worker process);
+    ``on_round(r)`` is called before round ``r`` (0-based) starts.
 
     Returns:
         ``{name: {"ratio_cpu": median, "ratio_cpu_min", "ratio_cpu_max", "ratio_cpu_best",
@@ -299,6 +301,8 @@ def paired_rounds(
         return m
 
     for r in range(rounds):
+        if on_round is not None:
+            on_round(r)
         order = [n for n in others if r < only_rounds.get(n, rounds)]
         if r % 2:
             order.reverse()

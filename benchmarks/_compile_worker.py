@@ -105,6 +105,8 @@ def main() -> int:
     info["forward_explain_graph_breaks"] = explained.graph_break_count
     info["forward_explain_graphs"] = explained.graph_count
     info["forward_explain_reasons"] = [str(r.reason)[:200] for r in explained.break_reasons][:10]
+    info["forward_explain_ops"] = sum(len(ops) for ops in explained.ops_per_graph)
+    info["forward_explain_guards"] = len(explained.out_guards)
     del explain_model
     torch._dynamo.reset()
     counters.clear()

@@ -29,7 +29,10 @@ while the compiled forward and the compiled ``generate()`` warmed up.
 
 ``--control`` starts the second worker stock as well (an A/A run): its ratio is
 what two identical processes measure apart on this machine, the yardstick for
-the patched/stock ratio.
+the patched/stock ratio. It showed that two identical processes differ by a
+few percent (memory layout), so each row runs in ``--processes`` worker processes
+(default 2), and round ``r`` pairs stock process ``r % N`` with patched process
+``(r // N) % N``: every pairing of processes takes its turn.
 """
 
 from __future__ import annotations
@@ -98,10 +101,14 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="greedy new tokens (default 16; --quick 4)")
     p.add_argument("--repeat-forward", type=int, default=None, help="forward calls per timed command (default 20)")
     p.add_argument("--repeat-generate", type=int, default=None, help="generate calls per timed command (default 4)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="worker processes per kind, used in turn (default 2; --quick 1): two identical processes "
+                        "differ by a few percent (--control), so one process per kind would measure that")
     p.add_argument("--control", action="store_true", help="A/A control: the second worker is stock too")
     args = p.parse_args()
     quick = args.quick
     args.rounds = args.rounds or (2 if quick else 20)
+    args.processes = args.processes or (1 if quick else 2)
     args.source = args.source or (16 if quick else 64)
     args.target = args.target or (8 if quick else 16)
     args.new_tokens = args.new_tokens or (4 if quick else 16)
@@ -113,23 +120,44 @@ def main() -> int:
 
     started = C.time.perf_counter()
     second = "stock" if args.control else "patched"
-    workers = {"stock": Worker("stock", settings), "patched": Worker(second, settings)}  # compile side by side
+    n = args.processes
+    # compiled side by side; two at a time (2 cores)
+    pools: dict[str, list[Worker]] = {"stock": [], "patched": []}
+    info_all: dict[str, list[dict]] = {"stock": [], "patched": []}
     try:
-        info = {kind: worker.ready() for kind, worker in workers.items()}
-        if info["stock"]["patched"] or info["patched"]["patched"] != (not args.control):
-            raise RuntimeError(f"worker set-up wrong: {info}")
+        for i in range(n):
+            batch = {"stock": Worker("stock", settings), "patched": Worker(second, settings)}
+            for kind, worker in batch.items():
+                pools[kind].append(worker)
+                info_all[kind].append(worker.ready())
+        for kind, infos in info_all.items():
+            if any(i["patched"] != (kind == "patched" and not args.control) for i in infos):
+                raise RuntimeError(f"worker set-up wrong: {info_all}")
         row = "stock, 2nd process (A/A control)" if args.control else "patched, no prefix (compiled)"
+        current = {"stock": pools["stock"][0], "patched": pools["patched"][0]}
+
+        def pick(r: int) -> None:  # round r: every (stock process, patched process) pair in turn
+            current["stock"] = pools["stock"][r % n]
+            current["patched"] = pools["patched"][(r // n) % n]
+
         timings = {}
         for command, repeat in (("forward", args.repeat_forward), ("generate", args.repeat_generate)):
             print(f"[{command}] {args.rounds} bracketed rounds, {repeat} calls per timed command",
                   file=sys.stderr, flush=True)
-            variants = {name: (lambda w=workers[kind], c=command, n=repeat: w.call(c, n))
+            variants = {name: (lambda k=kind, c=command, m=repeat: current[k].call(c, m))
                         for name, kind in (("stock (compiled)", "stock"), (row, "patched"))}
-            timings[command] = C.paired_rounds(variants, "stock (compiled)", args.rounds, timer=lambda v: v())
+            timings[command] = C.paired_rounds(variants, "stock (compiled)", args.rounds, timer=lambda v: v(),
+                                               on_round=pick)
     finally:
-        for worker in workers.values():
+        for worker in pools["stock"] + pools["patched"]:
             worker.close()
 
+    info = {kind: infos[0] for kind, infos in info_all.items()}
+    for kind, infos in info_all.items():  # every process of a kind compiled the same graphs
+        for key in ("forward_graph_breaks", "generate_graph_breaks", "forward_explain_graph_breaks",
+                    "forward_graphs", "generate_graphs", "generate_tokens"):
+            if any(i[key] != infos[0][key] for i in infos):
+                print(f"warning: {kind} processes differ in {key}: {[i[key] for i in infos]}", file=sys.stderr)
     same = {
         "forward": abs(info["stock"]["forward_logits_sum"] - info["patched"]["forward_logits_sum"]) <= 1e-3,
         "generate": info["stock"]["generate_tokens"] == info["patched"]["generate_tokens"],
@@ -150,8 +178,8 @@ def main() -> int:
     print(f"\nCompiled speed without a prefix, patched relative to stock transformers (1.00 = stock; higher "
           f"is faster). batch {args.batch}, source {args.source}, forward decoder length {args.target}, "
           f"{dims_note(dims)}; median of "
-          f"per-round ratios (CPU time of each worker process), two worker processes, {args.rounds} bracketed "
-          f"rounds; {args.repeat_forward} forward / {args.repeat_generate} generate calls per timed command")
+          f"per-round ratios (CPU time of the worker processes), {args.processes} worker process(es) per "
+          f"row used in turn, {args.rounds} bracketed rounds; {args.repeat_forward} forward / {args.repeat_generate} generate calls per timed command")
     print(C.table(["call", "row", "speed vs stock", "min-max", "fastest/fastest", "wall ratio", "CPU ms/call (median)",
                    "graph breaks (compile)", "graph breaks (explain)", "graphs", "rounds", "output"], rows))
     for kind in ("stock", "patched"):
@@ -159,7 +187,7 @@ def main() -> int:
         if reasons:
             print(f"{kind} graph-break reasons: {reasons}")
     results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "dims": dims, "workers": info, "timing": timings, "same_output": same,
+               "dims": dims, "workers": info_all, "timing": timings, "same_output": same,
                "wall_s": C.time.perf_counter() - started}
     print(f"\nwall time {results['wall_s']:.0f} s")
     C.write_results("compile_control" if args.control else "compile", args, results)
