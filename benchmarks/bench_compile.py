@@ -182,6 +182,17 @@ def main() -> int:
           f"row used in turn, {args.rounds} bracketed rounds; {args.repeat_forward} forward / {args.repeat_generate} generate calls per timed command")
     print(C.table(["call", "row", "speed vs stock", "min-max", "fastest/fastest", "wall ratio", "CPU ms/call (median)",
                    "graph breaks (compile)", "graph breaks (explain)", "graphs", "rounds", "output"], rows))
+    print("forward graph (torch._dynamo.explain): " + "; ".join(
+        f"{name}: {info[kind]['forward_explain_ops']} ops, {info[kind]['forward_explain_guards']} guards"
+        for name, kind in (("stock", "stock"), (row, "patched"))))
+    if args.processes > 1:
+        for command in ("forward", "generate"):
+            by_pair: dict = {}
+            for r, ratio in enumerate(timings[command][row]["ratios_cpu"]):
+                by_pair.setdefault((r % n, (r // n) % n), []).append(ratio)
+            print(f"{command}: median ratio per (stock process, {'2nd' if args.control else 'patched'} process): "
+                  + ", ".join(f"{a}/{b}: {statistics.median(v):.3f} ({len(v)} rounds)"
+                              for (a, b), v in sorted(by_pair.items())))
     for kind in ("stock", "patched"):
         reasons = info[kind]["forward_break_reasons"] + info[kind]["generate_break_reasons"]
         if reasons:
