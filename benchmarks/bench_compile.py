@@ -177,9 +177,9 @@ def main() -> int:
                          "baseline" if kind == "stock" else ("= stock" if same[command] else "differs from stock!")])
     print(f"\nCompiled speed without a prefix, patched relative to stock transformers (1.00 = stock; higher "
           f"is faster). batch {args.batch}, source {args.source}, forward decoder length {args.target}, "
-          f"{dims_note(dims)}; median of "
-          f"per-round ratios (CPU time of the worker processes), {args.processes} worker process(es) per "
-          f"row used in turn, {args.rounds} bracketed rounds; {args.repeat_forward} forward / {args.repeat_generate} generate calls per timed command")
+          f"{dims_note(dims)}; median of per-round ratios (CPU time of the worker processes), "
+          f"{args.processes} worker process(es) per row used in turn, {args.rounds} bracketed rounds; "
+          f"{args.repeat_forward} forward / {args.repeat_generate} generate calls per timed command")
     print(C.table(["call", "row", "speed vs stock", "min-max", "fastest/fastest", "wall ratio", "CPU ms/call (median)",
                    "graph breaks (compile)", "graph breaks (explain)", "graphs", "rounds", "output"], rows))
     print("forward graph (torch._dynamo.explain): " + "; ".join(

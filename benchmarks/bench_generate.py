@@ -340,7 +340,8 @@ def main() -> int:
     p.add_argument("--naive-max-length", type=int, default=1024, help="longest source timed for the naive row")
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="sweep lengths (default 64..1024)")
     p.add_argument("--model", choices=["bart", "marian"], default="bart",
-                   help="marian: the main table only, at Marian dims, no naive/PEFT rows (default batch 2, source 128)")
+                   help="marian: the main table only, at Marian dims, no naive/PEFT rows "
+                        "(default batch 2, source 128)")
     p.add_argument("--batch", type=int, default=None, help="batch (default 4; --model marian 2)")
     p.add_argument("--source", type=int, default=None,
                    help="source length (default 512; --model marian 128; --quick 64)")
