@@ -263,6 +263,8 @@ def paired_rounds(
     warmup: bool = True,
     only_rounds: Optional[dict[str, int]] = None,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    timer: Callable[[Callable[[], object]], "Measurement"] = None,
+    on_round: Callable[[int], None] = None,
 ) -> dict:
     """Time every variant against ``baseline`` in bracketed, alternating rounds; one process.
 
@@ -273,7 +275,9 @@ def paired_rounds(
     variant order is reversed every other round. The result is the median
     ratio over rounds, with min and max, and the ratio of the fastest runs
     (``min B / min variant``: contention only ever adds time). ``only_rounds``
-    limits slow variants to their first N rounds.
+    limits slow variants to their first N rounds. ``timer`` replaces :func:`measure`
+    (bench_compile.py: the call runs, and is timed, in a worker process);
+    ``on_round(r)`` is called before round ``r`` (0-based) starts.
 
     Returns:
         ``{name: {"ratio_cpu": median, "ratio_cpu_min", "ratio_cpu_max", "ratio_cpu_best",
@@ -281,6 +285,7 @@ def paired_rounds(
         baseline's entry has its own runs and ratios 1).
     """
     only_rounds = only_rounds or {}
+    timer = timer or measure
     others = [n for n in variants if n != baseline]
     if warmup:  # one untimed call each (allocator, lazy inits); slow variants limited by only_rounds skip it
         for name in [baseline, *others]:
@@ -290,12 +295,14 @@ def paired_rounds(
     ratios: dict[str, list[tuple[float, float]]] = {name: [] for name in others}
 
     def timed(name: str, r: int) -> Measurement:
-        m = measure(variants[name])
+        m = timer(variants[name])
         times[name].append(m)
         log(f"  round {r + 1}/{rounds} {name:<36} cpu {m.cpu:7.2f} s  wall {m.wall:7.2f} s  page faults {m.faults}")
         return m
 
     for r in range(rounds):
+        if on_round is not None:
+            on_round(r)
         order = [n for n in others if r < only_rounds.get(n, rounds)]
         if r % 2:
             order.reverse()

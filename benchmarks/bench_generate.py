@@ -7,6 +7,7 @@
     python benchmarks/bench_generate.py --part overhead  # only the patch's per-call overhead
     python benchmarks/bench_generate.py --part profile   # per-operator profile, stock vs prefix (beam 4)
     python benchmarks/bench_generate.py --malloc steady  # glibc malloc thresholds pinned (see _common.steady_malloc)
+    python benchmarks/bench_generate.py --model marian   # the main table at Marian translation dims (see MARIAN)
 
 Every row is timed in the same process as the stock baseline, in bracketed,
 alternating rounds (``stock row stock row2 stock ...``, order reversed every
@@ -26,6 +27,11 @@ decodes the same number of steps):
   keys/values recomputed from the encoder on every step (what the seed's fix did).
 * PEFT 0.21.2 prefix-tuning, as shipped (patch reverted), 20 virtual tokens; and
   PEFT through this package's PEFT integration when the package has one.
+
+``--model marian`` reruns the main table (stock, patched without prefix, patched
+with the prefix; no naive or PEFT rows) on a MarianMTModel with random weights
+at Helsinki-NLP/opus-mt-en-de's dimensions (:data:`MARIAN`), by default batch 2,
+source 128, 64 new tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +46,29 @@ import torch
 from transformers import GenerationConfig
 
 SITES = ("encoder", "decoder", "cross")
+
+#: Helsinki-NLP/opus-mt-en-de's dimensions and vocabulary (58101 tokens; weights random, built in code).
+MARIAN = dict(
+    vocab_size=58101, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+    decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=512,
+    activation_function="swish", scale_embedding=True, pad_token_id=58100, decoder_start_token_id=58100,
+)
+
+
+def marian(dims: dict = MARIAN, seed: int = 0):
+    """A randomly initialised MarianMTModel (eval mode, sdpa), :data:`MARIAN` dims by default."""
+    from transformers import MarianConfig, MarianMTModel
+
+    torch.manual_seed(seed)
+    return MarianMTModel._from_config(MarianConfig(**dims), attn_implementation="sdpa").eval()
+
+
+def dims_caption(args, config) -> str:
+    if args.model == "marian":
+        return (f"Marian dims (MarianMTModel, d_model {config.d_model}, {config.encoder_layers}+"
+                f"{config.decoder_layers} layers, {config.encoder_attention_heads} heads, FFN "
+                f"{config.encoder_ffn_dim}, vocab {config.vocab_size}; random weights)")
+    return C.dims_note(config)
 
 
 def generation_config(num_beams: int, new_tokens: int) -> GenerationConfig:
@@ -141,7 +170,7 @@ def main_table(args, model, config, results):
     rows = []
     for mode, beams in (("greedy", 1), ("beam 4", 4)):
         gc = generation_config(beams, args.new_tokens)
-        fns = variants(model, ids, prefix, gc, peft)
+        fns = variants(model, ids, prefix, gc, peft, include_naive=args.model == "bart")
         notes = check_outputs(fns, generation_config(beams, min(8, args.new_tokens)))
         runnable = {name: fn for name, fn in fns.items() if not notes[name].startswith("error")}
         naive_rounds = args.naive_rounds if beams == 1 else args.naive_rounds_beam
@@ -160,7 +189,7 @@ def main_table(args, model, config, results):
                 rows.append([mode, name, "-", "-", "-", "-", "-", "-", 0, notes[name]])
     print(f"\nGeneration speed relative to stock transformers (1.00 = stock; higher is faster). "
           f"batch {args.batch}, source {args.source}, {args.new_tokens} new tokens, prefix {args.prefix_length}; "
-          f"median of per-round ratios (CPU time), one process, {C.dims_note(config)}")
+          f"median of per-round ratios (CPU time), one process, {dims_caption(args, config)}")
     print(C.table(["decoding", "row", "speed vs stock", "min-max", "fastest/fastest", "wall ratio",
                    "CPU s (median)", "page faults (median)", "rounds", "output (tokens + scores)"], rows))
     if peft is None and not args.no_peft:
@@ -310,8 +339,12 @@ def main() -> int:
     p.add_argument("--naive-sweep-rounds", type=int, default=1)
     p.add_argument("--naive-max-length", type=int, default=1024, help="longest source timed for the naive row")
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="sweep lengths (default 64..1024)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--source", type=int, default=None, help="source length (default 512; --quick 64)")
+    p.add_argument("--model", choices=["bart", "marian"], default="bart",
+                   help="marian: the main table only, at Marian dims, no naive/PEFT rows "
+                        "(default batch 2, source 128)")
+    p.add_argument("--batch", type=int, default=None, help="batch (default 4; --model marian 2)")
+    p.add_argument("--source", type=int, default=None,
+                   help="source length (default 512; --model marian 128; --quick 64)")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens (default 64; --quick 8)")
     p.add_argument("--prefix-length", type=int, default=20)
     p.add_argument("--no-peft", action="store_true")
@@ -325,16 +358,26 @@ def main() -> int:
         print("--malloc steady: mallopt() unavailable (not glibc?)", file=sys.stderr)
         return 2
     quick = args.quick
+    if args.model == "marian":
+        if args.part not in ("all", "main"):
+            p.error("--model marian runs the main table only (--part main)")
+        args.part, args.no_peft = "main", True
+    args.batch = args.batch or (2 if args.model == "marian" else 4)
     args.rounds = args.rounds or (1 if quick else 4)
     args.naive_rounds = args.naive_rounds if args.naive_rounds is not None else (1 if quick else 2)
     args.naive_rounds_beam = args.naive_rounds_beam if args.naive_rounds_beam is not None else 1
     args.sweep_rounds = args.sweep_rounds or (1 if quick else 3)
     args.overhead_rounds = args.overhead_rounds or (1 if quick else 20)
-    args.source = args.source or (64 if quick else 512)
+    args.source = args.source or (64 if quick else 128 if args.model == "marian" else 512)
     args.new_tokens = args.new_tokens or (8 if quick else 64)
     args.lengths = args.lengths or ([32] if quick else [64, 128, 256, 512, 1024])
 
-    model = C.bart(C.TINY if quick else C.BART_BASE)
+    if args.model == "marian":
+        tiny = dict(MARIAN, **C.TINY, pad_token_id=C.TINY["vocab_size"] - 1,
+                    decoder_start_token_id=C.TINY["vocab_size"] - 1)
+        model = marian(tiny if quick else MARIAN)
+    else:
+        model = C.bart(C.TINY if quick else C.BART_BASE)
     config = model.config
     results = {"settings": {k: (str(v) if not isinstance(v, (int, float, list, bool, type(None))) else v)
                             for k, v in vars(args).items()},
@@ -342,7 +385,7 @@ def main() -> int:
     started = C.time.perf_counter()
     if args.part in ("all", "main"):
         main_table(args, model, config, results)
-    if args.part in ("all", "main", "overhead"):
+    if args.part in ("all", "main", "overhead") and args.model == "bart":
         overhead(args, results)
     if args.part in ("all", "sweep"):
         sweep(args, model, config, results)
@@ -351,6 +394,8 @@ def main() -> int:
     results["wall_s"] = C.time.perf_counter() - started
     print(f"\nwall time {results['wall_s']:.0f} s")
     name = "generate" if args.part == "all" else f"generate_{args.part}"
+    if args.model == "marian":
+        name = "generate_marian"
     if args.malloc == "steady":
         name += "_steady"
     C.write_results(name, args, results)
