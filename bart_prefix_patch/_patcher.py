@@ -130,7 +130,8 @@ def _apply(strict: bool, unknown: Optional[str] = None) -> bool:
                     models={**_GATE.models, _VERIFIABLE: None},
                     drifted={m: why for m, why in _GATE.drifted.items() if m != _VERIFIABLE},
                 )
-            elif _GATE.ok and _GATE.selfcheck is not None:  # BART alone drifted and failed its check
+            elif _GATE.ok and _verify.resolve_mode(unknown) == "verify":
+                # BART alone drifted and the self-check refused it (or could not run): say why.
                 warnings.warn(_GATE.message, RuntimeWarning, stacklevel=3)
         if not _GATE.ok:
             _registry.set_status(False, _GATE.message)

@@ -150,25 +150,26 @@ def test_altered_model_function_refuses_that_model_alone(monkeypatch):
 
 
 def test_altered_shared_function_refuses_everything(monkeypatch):
-    from transformers.cache_utils import EncoderDecoderCache
+    from transformers.generation.utils import GenerationMixin
 
     bpp.revert()
 
-    def reorder_cache(self, beam_idx):
-        raise AssertionError("a changed upstream reorder")
+    def _expand_inputs_for_generation(*args, **kwargs):
+        raise AssertionError("a changed upstream beam expansion")
 
-    monkeypatch.setattr(EncoderDecoderCache, "reorder_cache", reorder_cache)
+    # Used by generate() with beams on every supported release.
+    monkeypatch.setattr(GenerationMixin, "_expand_inputs_for_generation", staticmethod(_expand_inputs_for_generation))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert bpp.apply(unknown="refuse") is False
     assert not bpp.is_applied()
     message = str(caught[-1].message)
-    assert "EncoderDecoderCache.reorder_cache" in message and "supported" in message
+    assert "GenerationMixin._expand_inputs_for_generation" in message and "supported" in message
     assert "BART_PREFIX_PATCH_UNKNOWN=verify" in message
     with pytest.raises(bpp.UnsupportedTransformersError):
         bpp.apply(strict=True, unknown="refuse")
     with pytest.raises(bpp.UnsupportedTransformersError, match="self-check"):
-        bpp.apply(strict=True, unknown="verify")  # this reorder raises: beam search fails the self-check
+        bpp.apply(strict=True, unknown="verify")  # beam search raises: the self-check fails
     monkeypatch.undo()
     assert bpp.apply(strict=True)
 
