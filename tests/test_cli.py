@@ -110,6 +110,7 @@ def test_demo_quick(capsys):
     out = capsys.readouterr().out
     before, after = map(float, re.search(r"exact match ([\d.]+)% -> ([\d.]+)%", out).groups())
     assert after > before, out
+    assert after - before >= 50, out  # clearly learned, not a lucky trajectory (seeds 0-9 here: 77 to 100 points)
     assert "summary" in out and "loss curve" in out and "generate() examples" in out
     if "skipped:" not in out:  # transformers releases whose BART takes a cache object
         assert "input-independent" in out, out
