@@ -11,6 +11,7 @@ wheel, pinned in constraints.txt) and one ``requirements/transformers-X.txt``.
 
 from __future__ import annotations
 
+import configparser
 import re
 
 import nox
@@ -35,8 +36,14 @@ PINS = {
 NO_DEPS = {"5.25.0"}
 #: Requirements of transformers that the index lacks and BART does not use.
 UNAVAILABLE = ("kernels",)
-#: What ``[test]`` in setup.cfg adds, for the sessions that install the package with --no-deps.
-TEST_REQUIREMENTS = ("pytest>=7", "accelerate>=1.1")
+def _test_requirements() -> tuple[str, ...]:
+    """What ``[test]`` in setup.cfg adds, for the sessions that install the package with --no-deps."""
+    parser = configparser.ConfigParser()
+    parser.read("setup.cfg")
+    return tuple(line.strip() for line in parser["options.extras_require"]["test"].splitlines() if line.strip())
+
+
+TEST_REQUIREMENTS = _test_requirements()
 
 #: (peft, transformers) pairs of the PEFT integration sessions (docs/peft.md), one
 #: ``requirements/peft-P-transformers-T.txt`` each.
