@@ -3,6 +3,7 @@
     python benchmarks/bench_mixed.py                   # bart-base dims, source 512, batch 16, 32 new tokens
     python benchmarks/bench_mixed.py --source 128 --new-tokens 16 --rounds 3   # reduced
     python benchmarks/bench_mixed.py --quick           # tiny dims: the smoke test
+    python benchmarks/bench_mixed.py --modes beam4     # one mode only
 
 Four tasks with prefix lengths 10/20/30/40 (encoder + decoder + cross, random
 keys/values in a PrefixBank), 16 examples (4 per task, interleaved). Rows
@@ -51,6 +52,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16, help="examples (a multiple of 4)")
     parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens per example")
     parser.add_argument("--rounds", type=int, default=5, help="bracketed rounds")
+    parser.add_argument("--modes", default="greedy,beam4", help="comma-separated: greedy, beam4")
     args = parser.parse_args()
     dims = C.TINY if args.quick else C.BART_BASE
     if args.quick:
@@ -77,7 +79,13 @@ def main() -> int:
           f"{args.rounds} bracketed rounds, CPU s, 1 thread)")
     print("| mode | row | time s (median) | throughput vs single-task batch (median, min-max) |")
     print("|---|---|---|---|")
+    wanted = {m.strip() for m in args.modes.split(",")}
+    unknown = wanted - {"greedy", "beam4"}
+    if unknown:
+        parser.error(f"--modes: expected greedy and/or beam4, got {sorted(unknown)}")
     for mode, beams in (("greedy", 1), ("beam 4", 4)):
+        if mode.replace(" ", "") not in wanted:
+            continue
         gc = generation_config(beams, args.new_tokens)
         rows = {
             "single-task batch (16 x prefix 40)": lambda: model.generate(
