@@ -21,6 +21,7 @@ from . import _compat, _registry, _verify
 from ._architectures import ARCHITECTURES
 from ._guards import guard_targets, method_wrapper, refusal_targets
 from ._models import head_classes, modeling_module
+from .forks import _cache
 from .errors import UnsupportedTransformersError
 
 _GATE: Optional[_compat.GateResult] = None
@@ -165,6 +166,8 @@ def _install_fork(fork: Any, models: Optional[dict] = None) -> None:
             self-check's model (what a verification run exercises).
     """
     refused = {m: why for m, why in (models or {}).items() if why} if models is not None else None
+    for owner, attr, wrapper in _cache.patches():  # model-independent: beam search's cache reordering
+        _registry.install("forks", owner, attr, method_wrapper(wrapper))
     for row in _present_rows():
         wanted = row.model_type == _VERIFIABLE if refused is None else row.model_type not in refused
         if wanted:

@@ -119,6 +119,48 @@ def test_incremental_decoding_matches_full_forward(model):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
 
+def _self_attention_cache(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder self-attention keys/values of ``layer`` in any release's cache format."""
+    if isinstance(cache, tuple):  # 4.44 - 4.51: legacy tuples (self k, self v, cross k, cross v)
+        return cache[layer][0], cache[layer][1]
+    cache = getattr(cache, "self_attention_cache", cache)
+    if hasattr(cache, "layers"):  # 4.54+
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def _decode_incrementally(model, ids, mask, decoder_ids, **kwargs):
+    first = model(ids, attention_mask=mask, decoder_input_ids=decoder_ids[:, :3], use_cache=True, **kwargs)
+    cache = first.cache if hasattr(first, "cache") else first.past_key_values
+    for step in range(3, decoder_ids.shape[1]):
+        out = model(
+            attention_mask=mask, decoder_input_ids=decoder_ids[:, step : step + 1],
+            encoder_outputs=(first.encoder_last_hidden_state,), past_key_values=cache, use_cache=True, **kwargs,
+        )
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    return cache
+
+
+def test_cache_holds_real_tokens_only(model):
+    """The decoder self-attention prefix never enters the cache (positions and generate() count on it).
+
+    Layer 0's self-attention keys depend on the decoder embeddings alone, so a
+    prefixed run must cache exactly what a run without prefix (the upstream
+    code) caches there; the last layer's must differ, or the prefix did nothing.
+    """
+    config = model.config
+    ids, mask = source_batch(config, pad_last=2)
+    decoder_ids = target_batch(config, length=6)
+    prefix = make_prefix(config, dec_len=4)
+    cached = _decode_incrementally(model, ids, mask, decoder_ids, prefix=prefix)
+    stock = _decode_incrementally(model, ids, mask, decoder_ids)
+    for got, want in zip(_self_attention_cache(cached, 0), _self_attention_cache(stock, 0)):
+        assert got.shape == want.shape == (2, config.decoder_attention_heads, 6, config.d_model // config.decoder_attention_heads)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    last = config.decoder_layers - 1
+    assert (_self_attention_cache(cached, last)[0] - _self_attention_cache(stock, last)[0]).abs().max() > 1e-3
+
+
 def test_cross_prefix_keeps_encoder(model):
     """The seed's bug: a cross prefix replaced the encoder, so every input gave the same output."""
     config = model.config

@@ -170,3 +170,20 @@ def test_generate_without_prefix_is_stock(model):
     bpp.revert()
     stock = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, num_beams=2)
     assert patched.tolist() == stock.tolist()
+
+
+def _layer0_keys(cache) -> torch.Tensor:
+    return cache.layers[0].keys if hasattr(cache, "layers") else cache.key_cache[0]
+
+
+def test_reorder_cache_outside_a_prefixed_call_is_upstream():
+    """Only a prefixed generate() skips reordering the (beam-invariant) cross cache; other calls reorder both."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    rows = torch.arange(2.0).view(2, 1, 1, 1).expand(2, 1, 3, 1).contiguous()
+    cache.self_attention_cache.update(rows, rows, 0)
+    cache.cross_attention_cache.update(rows, rows, 0)
+    cache.reorder_cache(torch.tensor([1, 1]))
+    for part in (cache.self_attention_cache, cache.cross_attention_cache):
+        assert _layer0_keys(part)[:, 0, 0, 0].tolist() == [1.0, 1.0]

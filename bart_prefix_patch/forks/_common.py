@@ -12,6 +12,11 @@ from transformers.cache_utils import EncoderDecoderCache
 from .._state import active_state
 from ..errors import UnsupportedConfigurationError
 
+try:  # 4.54+: caches are made of layers
+    from transformers.cache_utils import DynamicLayer as _DynamicLayer
+except ImportError:  # 4.44 - 4.53
+    _DynamicLayer = None
+
 
 def concat_prefix(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """``[prefix ; states]`` along the sequence axis, in the states' dtype (autocast)."""
@@ -33,6 +38,36 @@ def require_growable_cache(layer_cache, layer_idx: int) -> None:
             f"a prefix needs a growable (dynamic) cache, got {type(fixed).__name__} in layer {layer_idx}: "
             "use the default cache (no cache_implementation, or cache_implementation='dynamic')"
         )
+
+
+def appendable_layer(layer_cache, layer_idx: int):
+    """The cache layer at ``layer_idx`` if appending to it is exactly one concatenation, else None.
+
+    That is a plain ``DynamicLayer`` (4.54+) that already holds 4-D keys, in a
+    cache that does not offload: ``Cache.update`` then only calls
+    ``DynamicLayer.update``, which concatenates (both fingerprinted through
+    ``DynamicLayer.update`` and the gate). Anything else (older caches,
+    quantized, sliding or offloaded layers, the first step) takes the stock
+    update.
+    """
+    if _DynamicLayer is None or getattr(layer_cache, "offloading", False):
+        return None
+    layers = getattr(layer_cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    if type(layer) is not _DynamicLayer or not getattr(layer, "is_initialized", False):
+        return None
+    keys = layer.keys
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or not isinstance(layer.values, torch.Tensor):
+        return None
+    return layer
+
+
+def join_cached(prefix: torch.Tensor, cached: Optional[torch.Tensor], states: torch.Tensor) -> torch.Tensor:
+    """``[prefix ; cached ; states]`` in one concatenation, in the states' dtype."""
+    parts = [prefix.to(states.dtype), states] if cached is None else [prefix.to(states.dtype), cached, states]
+    return torch.cat(parts, dim=2)
 
 
 def cached_keys_values(layer_cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +122,20 @@ def prefixed_keys_values(
             # so generation computes both once per generate() call.
             key_states = concat_prefix(prefix_key, key_states)
             value_states = concat_prefix(prefix_value, value_states)
+        layer = None if is_cross_attention or cache is None else appendable_layer(curr_cache, self.layer_idx)
+        if layer is not None:
+            # DIFF (speed): decoder self-attention on a plain dynamic layer. What
+            # DynamicLayer.update and the prefix join below would do in two
+            # concatenations (each copying every cached key) is done in one,
+            # [prefix ; cached ; new], and the layer keeps a view of the real
+            # part: the cache still reports real tokens only (positions,
+            # generate()'s bookkeeping, beam reordering and cropping act on the
+            # view as on stock keys) and grows per step exactly as stock's.
+            n_prefix = prefix_key.shape[2]
+            key_states = join_cached(prefix_key, layer.keys, key_states)
+            value_states = join_cached(prefix_value, layer.values, value_states)
+            layer.keys, layer.values = key_states[:, :, n_prefix:], value_states[:, :, n_prefix:]
+            return key_states, value_states
         if cache is not None:
             require_growable_cache(curr_cache, self.layer_idx)  # DIFF: static caches cannot hold a prefix
             key_states, value_states = update(curr_cache, key_states, value_states, is_cross_attention)

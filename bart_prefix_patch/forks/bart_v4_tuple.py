@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from ..errors import UnsupportedConfigurationError
-from ._common import attention_wrapper, concat_prefix as _cat, eager_attention_bmm
+from ._common import attention_wrapper, concat_prefix as _cat, eager_attention_bmm, join_cached as _join
 from ._masks import prefixed_mask
 
 FAMILIES = ("A1", "A2")
@@ -68,26 +68,23 @@ def _keys_values(self, hidden_states, key_value_states, past_key_value, prefix_k
         # once per generate() call.
         key_states = _cat(prefix_key, key_states)
         value_states = _cat(prefix_value, value_states)
-    elif past_key_value is not None:
-        # reuse k, v, self_attention
-        key_states = self._shape(self.k_proj(hidden_states), -1, bsz)
-        value_states = self._shape(self.v_proj(hidden_states), -1, bsz)
-        key_states = torch.cat([past_key_value[0], key_states], dim=2)
-        value_states = torch.cat([past_key_value[1], value_states], dim=2)
     else:
-        # self_attention
+        # self_attention; upstream's "reuse k, v, self_attention" when a past exists
         key_states = self._shape(self.k_proj(hidden_states), -1, bsz)
         value_states = self._shape(self.v_proj(hidden_states), -1, bsz)
+        # DIFF: [prefix ; past ; new] in one concatenation (upstream: [past ; new]),
+        # and the cache entry is the view of its real part, so the cache (hence
+        # positions and generate()'s bookkeeping) holds real tokens only while
+        # each step copies the cached keys once, as upstream does.
+        cached_keys, cached_values = (None, None) if past_key_value is None else past_key_value[:2]
+        key_states = _join(prefix_key, cached_keys, key_states)
+        value_states = _join(prefix_value, cached_values, value_states)
+        if self.is_decoder:
+            n_prefix = prefix_key.shape[2]
+            past_key_value = (key_states[:, :, n_prefix:], value_states[:, :, n_prefix:])
+        return key_states, value_states, past_key_value
 
-    if self.is_decoder:
-        past_key_value = (key_states, value_states)
-
-    if not is_cross_attention:
-        # DIFF: the self-attention prefix joins after the cache entry is taken,
-        # so the cache (hence positions and generate()'s bookkeeping) holds
-        # real tokens only.
-        key_states = _cat(prefix_key, key_states)
-        value_states = _cat(prefix_value, value_states)
+    past_key_value = (key_states, value_states)  # cross-attention: always a decoder's
     return key_states, value_states, past_key_value
 
 
