@@ -32,7 +32,15 @@ from ._attach import any_attached, attachment_of, call_source
 from ._architectures import ARCHITECTURES
 from ._models import architecture_of, attention_modules, core_of, stacks
 from ._registry import is_applied, model_refusal, reverts, status_line
-from ._state import PrefixState, active_state, ensure_checkpoint_binding, prefixed_call_in_flight, run_with_state
+from ._state import (
+    STATE_KWARG,
+    PrefixState,
+    active_state,
+    ensure_checkpoint_binding,
+    prefixed_call_in_flight,
+    run_with_state,
+    traceable,
+)
 from .errors import PatchNotAppliedError, PrefixError, UnsupportedConfigurationError, UnsupportedModelError
 from .prefix import Prefix, site_visibility, validate_prefix
 
@@ -44,7 +52,7 @@ _STATIC_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mam
 # ------------------------------------------------------------------ wrappers
 
 
-def method_wrapper(wrapper: Callable) -> Callable[[Callable], Callable]:
+def method_wrapper(wrapper: Callable, traced: Optional[Callable] = None) -> Callable[[Callable], Callable]:
     """A registry ``make`` that wraps an upstream method with ``wrapper(bound, self, args, kwargs)``.
 
     wrapt's calling convention, but the result is a plain function rather
@@ -53,13 +61,26 @@ def method_wrapper(wrapper: Callable) -> Callable[[Callable], Callable]:
     ``functools.wraps`` keeps ``__wrapped__`` and therefore
     ``inspect.signature``, which ``generate()`` uses to validate its keyword
     arguments.
+
+    Args:
+        traced: What runs instead of ``wrapper`` for a call that carries
+            :data:`._state.STATE_KWARG` (nested in a traced prefixed call), and
+            for a prefixed call torch.compile traces on a model class of
+            :func:`._state.traceable`, with the unbound original:
+            ``traced(original, self, args, kwargs)``. Without it such a call
+            leaves the graph and runs ``wrapper`` eagerly.
     """
 
     def make(original: Callable) -> Callable:
         @functools.wraps(original)
         def patched(self, *args, **kwargs):
-            if torch.compiler.is_compiling() and not _prefix_involved(self, kwargs):
-                return original(self, *args, **kwargs)  # traced by torch.compile: exactly upstream
+            if traced is not None and STATE_KWARG in kwargs:
+                return traced(original, self, args, kwargs)  # inside a traced prefixed call: the state came with it
+            if torch.compiler.is_compiling():
+                if not _prefix_involved(self, kwargs):
+                    return original(self, *args, **kwargs)  # traced by torch.compile: exactly upstream
+                if traced is not None and traceable(type(self)):
+                    return traced(original, self, args, kwargs)
             # The unbound original crosses the graph break: Dynamo may rebuild a bound method as
             # `self.forward`, which is the compiled function itself when a user assigned one.
             return _eager(wrapper, original, self, args, kwargs)
@@ -74,6 +95,7 @@ def _prefix_involved(instance: Any, kwargs: dict) -> bool:
     # (see _state._ANY_IN_FLIGHT and _attach._ANY_ATTACHED).
     return (
         "prefix" in kwargs
+        or STATE_KWARG in kwargs
         or any(isinstance(kwargs.get(name), Prefix) for name in _CACHE_NAMES)
         or any_attached()
         or prefixed_call_in_flight()
@@ -307,6 +329,73 @@ def entry_generate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
     with torch.no_grad():
         state = resolve(instance, source, _input_batch(wrapped, args, kwargs), (1, beams, returned, beams * returned))
     return run_whole(before, instance, state, wrapped, args, kwargs)
+
+
+# ------------------------------------------------- prefixed calls under torch.compile
+
+
+def traced_forward(original: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """``entry_forward`` as torch.compile traces it: the state travels as a keyword argument.
+
+    The prefix is resolved outside the graph (:func:`_traced_state`: one graph
+    break at the entry); the upstream forward below it is traced with
+    ``STATE_KWARG=state``, which transformers 5.4+ hands through every stack and
+    layer to the attention forks. A call nested in one that already carries the
+    state passes it on untouched.
+    """
+    if STATE_KWARG in kwargs:
+        return original(instance, *args, **kwargs)
+    prepared = _traced_state(original, instance, args, kwargs)
+    if prepared is None:  # gradient checkpointing or a refusal to raise: the eager guard decides
+        return _eager(entry_forward, original, instance, args, kwargs)
+    args, kwargs, state = prepared
+    if state is None:
+        return original(instance, *args, **kwargs)
+    return original(instance, *args, **{**kwargs, STATE_KWARG: state})
+
+
+def carried(wrapper: Callable) -> Callable:
+    """A ``traced`` for :func:`method_wrapper`: run ``wrapper`` inside the graph when the call carries the state.
+
+    For the attention forks: a call reached from a traced entry carries
+    :data:`._state.STATE_KWARG` and is traced with its prefix; any other
+    prefixed call (a layer compiled on its own inside an eager prefixed call)
+    leaves the graph to read the ContextVar, as before.
+    """
+
+    def traced(original: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if STATE_KWARG not in kwargs:
+            return _eager(wrapper, original, instance, args, kwargs)
+        return wrapper(original.__get__(instance, type(instance)), instance, args, kwargs)
+
+    return traced
+
+
+@torch.compiler.disable
+def _traced_state(original: Callable, instance: Any, args: tuple, kwargs: dict):
+    """What :func:`entry_forward` resolves, returned instead of published: ``(args, kwargs, state)``.
+
+    ``None`` when the call must run eagerly: the patch is not applied (the
+    eager guard raises), or a stack checkpoints its layers (recomputation
+    reads the state from the ContextVar).
+    """
+    if not is_applied():
+        return None
+    kwargs = dict(kwargs)
+    _, args, prefix, attachment = _enter(instance, args, kwargs, "")
+    core = (attachment.core() if attachment else None) or core_of(instance)
+    if core is not None and any(getattr(stack, "gradient_checkpointing", False) for stack in stacks(core)):
+        return None
+    wrapped = original.__get__(instance, type(instance))
+    if prefix is None:
+        state = active_state()
+        if state is not None and state.covers(instance):
+            return args, kwargs, state  # a step of an eager generate() calling a compiled forward
+        if attachment is None:
+            _refuse_prefixed_cache(instance, wrapped, args, kwargs)
+            return args, kwargs, None
+        prefix = attachment.source
+    return args, kwargs, resolve(instance, prefix, _input_batch(wrapped, args, kwargs))
 
 
 def guard_targets(model_classes: list[type]) -> list[tuple[type, str, Callable]]:

@@ -17,9 +17,9 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
-from . import _compat, _registry, _verify
+from . import _compat, _registry, _state, _verify
 from ._architectures import ARCHITECTURES
-from ._guards import guard_targets, method_wrapper, refusal_targets
+from ._guards import carried, entry_forward, guard_targets, method_wrapper, refusal_targets, traced_forward
 from ._models import head_classes, modeling_module
 from .forks import _cache
 from .errors import UnsupportedTransformersError
@@ -110,7 +110,8 @@ def _present_rows() -> list:
 def _install_guards() -> None:
     for row in _present_rows():
         for owner, attr, guard in guard_targets(head_classes(row, modeling_module(row))):
-            _registry.install("guards", owner, attr, method_wrapper(guard), permanent=True)
+            traced = traced_forward if guard is entry_forward else None  # generate() itself runs eagerly
+            _registry.install("guards", owner, attr, method_wrapper(guard, traced), permanent=True)
     for owner, attr, make in refusal_targets():
         _registry.install("guards", owner, attr, make, permanent=True)
 
@@ -168,11 +169,17 @@ def _install_fork(fork: Any, models: Optional[dict] = None) -> None:
     refused = {m: why for m, why in (models or {}).items() if why} if models is not None else None
     for owner, attr, wrapper in _cache.patches():  # model-independent: beam search's cache reordering
         _registry.install("forks", owner, attr, method_wrapper(wrapper))
+    traceable: set = set()
     for row in _present_rows():
         wanted = row.model_type == _VERIFIABLE if refused is None else row.model_type not in refused
         if wanted:
-            for owner, attr, wrapper in fork.patches(modeling_module(row), row.prefix):
-                _registry.install("forks", owner, attr, method_wrapper(wrapper))
+            module = modeling_module(row)
+            for owner, attr, wrapper in fork.patches(module, row.prefix):
+                # The attention wrapper also serves traced calls: it takes the state from its keyword.
+                _registry.install("forks", owner, attr, method_wrapper(wrapper, carried(wrapper)))
+            if getattr(fork, "traceable", None) is not None and fork.traceable(module, row.prefix):
+                traceable |= set(head_classes(row, module))
+    _state.set_traceable(frozenset(traceable))
     _registry.set_status(True, models=refused if refused is not None else {
         row.model_type: "not verified (the self-check runs BART)" for row in _present_rows() if row.model_type != _VERIFIABLE
     })
@@ -190,6 +197,7 @@ def revert() -> None:
         _registry.count_revert()  # before and after: see _guards.run_whole
         _registry.uninstall()
         _registry.set_status(False)
+        _state.set_traceable(frozenset())
         _registry.count_revert()
         for integration in list(_INTEGRATIONS.values()):
             if integration.on_revert is not None:

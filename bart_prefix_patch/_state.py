@@ -51,6 +51,26 @@ _ANY_IN_FLIGHT = False
 _IN_FLIGHT = 0
 _IN_FLIGHT_LOCK = threading.Lock()
 
+#: Keyword argument that carries a call's :class:`PrefixState` down to the attention forks inside
+#: torch.compile (see :func:`traced_state`), where the ContextVar cannot be read. transformers 5.x
+#: hands a model's ``**kwargs`` through every stack and layer to each attention module unchanged.
+STATE_KWARG = "_bpp_state"
+
+# The model classes whose installed fork receives STATE_KWARG through every layer (set by the
+# patcher): only their prefixed calls are traced under torch.compile; others run eagerly.
+_TRACEABLE: frozenset = frozenset()
+
+
+def set_traceable(classes: frozenset) -> None:
+    """Record the model classes whose prefixed calls torch.compile may trace (see :func:`traceable`)."""
+    global _TRACEABLE
+    _TRACEABLE = frozenset(classes)
+
+
+def traceable(model_class: type) -> bool:
+    """Whether a prefixed call of ``model_class`` is traced by torch.compile (a module global: readable inside it)."""
+    return model_class in _TRACEABLE
+
 
 class PrefixState:
     """The resolved prefix of one model call.

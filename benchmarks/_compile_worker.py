@@ -13,7 +13,17 @@ and then answer commands read from stdin, one per line:
 * ``forward``  - one call of ``torch.compile(model)`` (teacher-forced forward);
 * ``generate`` - one greedy ``model.generate()`` with ``model.forward = torch.compile(model.forward)``
   and the default dynamic cache;
+* ``train``    - with ``--prefix N`` only: one compiled training step's forward + backward
+  (``torch.compile(model)`` with labels); stock trains every parameter (bench_train.py's
+  baseline), patched trains the prefix of a frozen model;
+* ``forward-eager`` / ``generate-eager`` / ``train-eager`` - patched with a prefix only: the
+  same calls on the uncompiled model (what a prefixed call cost under torch.compile before it
+  was traced);
 * ``quit``.
+
+With ``"prefix": N`` in the settings (bench_compile.py ``--prefix N``), the patched worker passes
+a seeded random ``Prefix`` of N tokens on encoder self-, decoder self- and cross-attention to every
+call; the stock worker runs the same calls without one.
 
 ``forward N`` / ``generate N`` time N calls in a row as one measurement.
 
@@ -86,8 +96,26 @@ def graph_breaks() -> tuple[int, list[str]]:
     return int(sum(reasons.values())), sorted(reasons)[:10]
 
 
+def random_prefix(dims: dict, length: int):
+    """A seeded random ``Prefix`` of ``length`` tokens on all three sites (patched worker only)."""
+    import bart_prefix_patch as bpp
+
+    gen = torch.Generator().manual_seed(3)
+    heads = dims["encoder_attention_heads"]
+    head_dim = dims["d_model"] // heads
+
+    def site(layers: int):
+        return [tuple(torch.randn(1, heads, length, head_dim, generator=gen) for _ in range(2)) for _ in range(layers)]
+
+    return bpp.Prefix(encoder=site(dims["encoder_layers"]), decoder=site(dims["decoder_layers"]),
+                      cross=site(dims["decoder_layers"]))
+
+
 def main() -> int:
     dims, batch, source, new_tokens = SETTINGS["dims"], SETTINGS["batch"], SETTINGS["source"], SETTINGS["new_tokens"]
+    n_prefix = SETTINGS.get("prefix", 0)
+    prefix = random_prefix(dims, n_prefix) if n_prefix and KIND == "patched" else None
+    extra = {"prefix": prefix} if prefix is not None else {}
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(4, dims["vocab_size"], (batch, source), generator=gen)
     dec = torch.randint(4, dims["vocab_size"], (batch, SETTINGS["target"]), generator=gen)
@@ -101,7 +129,7 @@ def main() -> int:
 
     # Graph breaks of the forward as torch._dynamo.explain sees them (what tests/test_compile.py counts).
     explain_model = build()
-    explained = torch._dynamo.explain(explain_model)(ids, decoder_input_ids=dec)
+    explained = torch._dynamo.explain(explain_model)(ids, decoder_input_ids=dec, **extra)
     info["forward_explain_graph_breaks"] = explained.graph_break_count
     info["forward_explain_graphs"] = explained.graph_count
     info["forward_explain_reasons"] = [str(r.reason)[:200] for r in explained.break_reasons][:10]
@@ -116,8 +144,8 @@ def main() -> int:
     compiled = torch.compile(fwd_model)
     started = time.perf_counter()
     with torch.no_grad():
-        reference_logits = compiled(ids, decoder_input_ids=dec).logits
-        compiled(ids, decoder_input_ids=dec)
+        reference_logits = compiled(ids, decoder_input_ids=dec, **extra).logits
+        compiled(ids, decoder_input_ids=dec, **extra)
     info["forward_compile_s"] = time.perf_counter() - started
     info["forward_graph_breaks"], info["forward_break_reasons"] = graph_breaks()
     info["forward_graphs"] = graphs_compiled()
@@ -130,27 +158,68 @@ def main() -> int:
     gen_model.forward = torch.compile(gen_model.forward)
     started = time.perf_counter()
     with torch.no_grad():
-        tokens = gen_model.generate(ids, generation_config=gc)
+        tokens = gen_model.generate(ids, generation_config=gc, **extra)
         for _ in range(SETTINGS.get("generate_warmups", 2) - 1):  # dynamic shapes settle after the first call
-            gen_model.generate(ids, generation_config=gc)
+            gen_model.generate(ids, generation_config=gc, **extra)
     info["generate_compile_s"] = time.perf_counter() - started
     info["generate_graph_breaks"], info["generate_break_reasons"] = graph_breaks()
     info["generate_graphs"] = graphs_compiled()
     info["generate_tokens"] = tokens.tolist()
     log(f"generate compiled in {info['generate_compile_s']:.1f} s, {info['generate_graph_breaks']} graph breaks")
+    calls = {
+        "forward": lambda: compiled(ids, decoder_input_ids=dec, **extra),
+        "generate": lambda: gen_model.generate(ids, generation_config=gc, **extra),
+    }
+    if n_prefix:
+        # train: forward + backward of a compiled training step (bench_train.py's rows: stock trains
+        # every parameter, prefix-tuning the prefix of a frozen model).
+        train_model = build()
+        train_extra = {}
+        if prefix is not None:
+            # Its own prefix, trainable: forward and generate keep inference tensors, as served.
+            train_model.requires_grad_(False)
+            train_prefix = random_prefix(dims, n_prefix)
+            leaves = [t.requires_grad_() for site in (train_prefix.encoder, train_prefix.decoder, train_prefix.cross)
+                      for pair in site for t in pair]
+            train_extra = {"prefix": train_prefix}
+        else:
+            leaves = list(train_model.parameters())
+        labels = dec.clone()
+        compiled_train = torch.compile(train_model)
+
+        def step(model) -> None:
+            model(ids, labels=labels, **train_extra).loss.backward()
+            for leaf in leaves:
+                leaf.grad = None
+
+        counters.clear()
+        started = time.perf_counter()
+        step(compiled_train)
+        step(compiled_train)
+        info["train_compile_s"] = time.perf_counter() - started
+        info["train_graph_breaks"], info["train_break_reasons"] = graph_breaks()
+        info["train_graphs"] = graphs_compiled()
+        log(f"training step compiled in {info['train_compile_s']:.1f} s, {info['train_graph_breaks']} graph breaks")
+        calls["train"] = lambda: step(compiled_train)
+        if prefix is not None:  # the same calls, uncompiled
+            eager_gen = build()
+            calls["forward-eager"] = lambda: fwd_model(ids, decoder_input_ids=dec, **extra)
+            calls["generate-eager"] = lambda: eager_gen.generate(ids, generation_config=gc, **extra)
+            calls["train-eager"] = lambda: step(train_model)
+            with torch.no_grad():
+                info["generate_eager_same"] = eager_gen.generate(ids, generation_config=gc, **extra).tolist() == \
+                    info["generate_tokens"]
+                eager_logits = fwd_model(ids, decoder_input_ids=dec, **extra).logits
+            info["forward_eager_max_diff"] = float((eager_logits - reference_logits).abs().max())
     send({"ready": info})
 
-    calls = {
-        "forward": lambda: compiled(ids, decoder_input_ids=dec),
-        "generate": lambda: gen_model.generate(ids, generation_config=gc),
-    }
     for line in sys.stdin:
         command, *count = line.split()
         if command == "quit":
             break
         fn, repeat = calls[command], int(count[0]) if count else 1
         graphs = graphs_compiled()
-        with torch.no_grad():
+        with torch.set_grad_enabled(command.startswith("train")):
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(repeat):

@@ -1,8 +1,16 @@
-"""Benchmark: torch.compile speed of a model without a prefix, stock vs patched transformers (one run).
+"""Benchmark: torch.compile speed, stock vs patched transformers, without and with a prefix (one run).
 
     python benchmarks/bench_compile.py           # d_model 256, 3+3 layers, batch 2, source 64, 16 new tokens
     python benchmarks/bench_compile.py --quick   # tiny model, 2 rounds: the CI smoke test
     python benchmarks/bench_compile.py --control # A/A: both workers stock (how far two processes differ)
+    python benchmarks/bench_compile.py --prefix 20 --source 512   # compiled prefixed calls vs stock compiled
+
+``--prefix N``: the patched worker passes an N-token prefix on all three sites
+to every call, the stock worker none (the ratio is what a prefix costs under
+torch.compile, the prefix's extra keys included); a third command kind,
+``train`` (a compiled training step's forward + backward: stock trains every
+parameter as bench_train.py's baseline does, patched the prefix of a frozen
+model), and a third row per command, the same prefixed call run uncompiled.
 
 Importing ``bart_prefix_patch`` patches transformers for the whole process, so
 stock and patched run in two long-lived worker processes
@@ -105,7 +113,12 @@ def main() -> int:
                    help="worker processes per kind, used in turn (default 2; --quick 1): two identical processes "
                         "differ by a few percent (--control), so one process per kind would measure that")
     p.add_argument("--control", action="store_true", help="A/A control: the second worker is stock too")
+    p.add_argument("--prefix", type=int, default=0,
+                   help="prefix tokens on all three sites in the patched worker (default 0: no prefix); adds the "
+                        "train command and an uncompiled prefixed row")
     args = p.parse_args()
+    if args.prefix and args.control:
+        p.error("--prefix and --control exclude each other")
     quick = args.quick
     args.rounds = args.rounds or (2 if quick else 20)
     args.processes = args.processes or (1 if quick else 2)
@@ -116,7 +129,7 @@ def main() -> int:
     args.repeat_generate = args.repeat_generate or (1 if quick else 4)
     dims = C.TINY if quick else SMALL
     settings = {"seed": 0, "dims": dims, "batch": args.batch, "source": args.source, "target": args.target,
-                "new_tokens": args.new_tokens}
+                "new_tokens": args.new_tokens, "prefix": args.prefix}
 
     started = C.time.perf_counter()
     second = "stock" if args.control else "patched"
@@ -133,7 +146,9 @@ def main() -> int:
         for kind, infos in info_all.items():
             if any(i["patched"] != (kind == "patched" and not args.control) for i in infos):
                 raise RuntimeError(f"worker set-up wrong: {info_all}")
-        row = "stock, 2nd process (A/A control)" if args.control else "patched, no prefix (compiled)"
+        row = ("stock, 2nd process (A/A control)" if args.control else
+               f"patched, {args.prefix}-token prefix (compiled)" if args.prefix else "patched, no prefix (compiled)")
+        eager_row = f"patched, {args.prefix}-token prefix (eager)"
         current = {"stock": pools["stock"][0], "patched": pools["patched"][0]}
 
         def pick(r: int) -> None:  # round r: every (stock process, patched process) pair in turn
@@ -141,11 +156,13 @@ def main() -> int:
             current["patched"] = pools["patched"][(r // n) % n]
 
         timings = {}
-        for command, repeat in (("forward", args.repeat_forward), ("generate", args.repeat_generate)):
+        for command, repeat in commands(args):
             print(f"[{command}] {args.rounds} bracketed rounds, {repeat} calls per timed command",
                   file=sys.stderr, flush=True)
             variants = {name: (lambda k=kind, c=command, m=repeat: current[k].call(c, m))
                         for name, kind in (("stock (compiled)", "stock"), (row, "patched"))}
+            if args.prefix:
+                variants[eager_row] = lambda c=command, m=repeat: current["patched"].call(f"{c}-eager", m)
             timings[command] = C.paired_rounds(variants, "stock (compiled)", args.rounds, timer=lambda v: v(),
                                                on_round=pick)
     finally:
@@ -158,24 +175,39 @@ def main() -> int:
                     "forward_graphs", "generate_graphs", "generate_tokens"):
             if any(i[key] != infos[0][key] for i in infos):
                 print(f"warning: {kind} processes differ in {key}: {[i[key] for i in infos]}", file=sys.stderr)
-    same = {
-        "forward": abs(info["stock"]["forward_logits_sum"] - info["patched"]["forward_logits_sum"]) <= 1e-3,
-        "generate": info["stock"]["generate_tokens"] == info["patched"]["generate_tokens"],
-    }
+    if args.prefix:  # stock has no prefix: the patched compiled output is checked against its own eager run
+        patched = info["patched"]
+        same = {"forward": patched["forward_eager_max_diff"] <= 1e-3, "generate": patched["generate_eager_same"],
+                "train": True}
+        agree = "= eager with prefix"
+    else:
+        same = {
+            "forward": abs(info["stock"]["forward_logits_sum"] - info["patched"]["forward_logits_sum"]) <= 1e-3,
+            "generate": info["stock"]["generate_tokens"] == info["patched"]["generate_tokens"],
+        }
+        agree = "= stock"
+    labels = {"forward": "forward (torch.compile(model))",
+              "generate": f"greedy generate, {args.new_tokens} new tokens (compiled forward)",
+              "train": "training step fwd+bwd (torch.compile(model))"}
     rows = []
-    for command, label in (("forward", "forward (torch.compile(model))"),
-                           ("generate", f"greedy generate, {args.new_tokens} new tokens (compiled forward)")):
+    for command, repeat in commands(args):
         t = timings[command]
-        repeat = args.repeat_forward if command == "forward" else args.repeat_generate
-        for name, kind in (("stock (compiled)", "stock"), (row, "patched")):
+        kinds = [("stock (compiled)", "stock"), (row, "patched")] + ([(eager_row, "eager")] if args.prefix else [])
+        for name, kind in kinds:
             e = t[name]
             per_call_ms = 1000 * statistics.median(e["cpu_s"]) / repeat
+            if kind == "eager":
+                rows.append([labels[command], name, C.fmt(e["ratio_cpu"]), C.spread(e), C.fmt(e["ratio_cpu_best"]),
+                             C.fmt(e["ratio_wall"]), f"{per_call_ms:.1f}", "-", "-", "-", e["rounds"], "-"])
+                continue
             explain = info[kind]["forward_explain_graph_breaks"] if command == "forward" else "-"
-            rows.append([label, name, C.fmt(e["ratio_cpu"]), C.spread(e), C.fmt(e["ratio_cpu_best"]),
+            rows.append([labels[command], name, C.fmt(e["ratio_cpu"]), C.spread(e), C.fmt(e["ratio_cpu_best"]),
                          C.fmt(e["ratio_wall"]), f"{per_call_ms:.1f}", info[kind][f"{command}_graph_breaks"], explain,
                          info[kind][f"{command}_graphs"], e["rounds"],
-                         "baseline" if kind == "stock" else ("= stock" if same[command] else "differs from stock!")])
-    print(f"\nCompiled speed without a prefix, patched relative to stock transformers (1.00 = stock; higher "
+                         "baseline" if kind == "stock" else (agree if same[command] else "differs!")])
+    what = (f"with a {args.prefix}-token prefix on all three sites (stock: none)" if args.prefix
+            else "without a prefix")
+    print(f"\nCompiled speed {what}, patched relative to stock transformers (1.00 = stock; higher "
           f"is faster). batch {args.batch}, source {args.source}, forward decoder length {args.target}, "
           f"{dims_note(dims)}; median of per-round ratios (CPU time of the worker processes), "
           f"{args.processes} worker process(es) per row used in turn, {args.rounds} bracketed rounds; "
@@ -186,7 +218,7 @@ def main() -> int:
         f"{name}: {info[kind]['forward_explain_ops']} ops, {info[kind]['forward_explain_guards']} guards"
         for name, kind in (("stock", "stock"), (row, "patched"))))
     if args.processes > 1:
-        for command in ("forward", "generate"):
+        for command, _ in commands(args):
             by_pair: dict = {}
             for r, ratio in enumerate(timings[command][row]["ratios_cpu"]):
                 by_pair.setdefault((r % n, (r // n) % n), []).append(ratio)
@@ -194,15 +226,23 @@ def main() -> int:
                   + ", ".join(f"{a}/{b}: {statistics.median(v):.3f} ({len(v)} rounds)"
                               for (a, b), v in sorted(by_pair.items())))
     for kind in ("stock", "patched"):
-        reasons = info[kind]["forward_break_reasons"] + info[kind]["generate_break_reasons"]
-        if reasons:
-            print(f"{kind} graph-break reasons: {reasons}")
+        reasons = (info[kind]["forward_break_reasons"] + info[kind]["generate_break_reasons"]
+                   + info[kind].get("train_break_reasons", []))
+        if reasons:  # first lines, once each (the full text is in the JSON)
+            print(f"{kind} graph-break reasons: {sorted({r.splitlines()[0] for r in reasons})}")
     results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "dims": dims, "workers": info_all, "timing": timings, "same_output": same,
                "wall_s": C.time.perf_counter() - started}
     print(f"\nwall time {results['wall_s']:.0f} s")
-    C.write_results("compile_control" if args.control else "compile", args, results)
+    name = "compile_control" if args.control else "compile_prefix" if args.prefix else "compile"
+    C.write_results(name, args, results)
     return 0
+
+
+def commands(args) -> list[tuple[str, int]]:
+    """The timed command kinds and their calls per timed command."""
+    kinds = [("forward", args.repeat_forward), ("generate", args.repeat_generate)]
+    return kinds + [("train", args.repeat_forward)] if args.prefix else kinds
 
 
 def dims_note(dims: dict) -> str:

@@ -58,25 +58,33 @@ def reset_peak() -> bool:
         return False
 
 
+def held_bytes(tensors) -> int:
+    """Bytes of the storages behind ``tensors``, each counted once.
+
+    A cached tensor may be a view (the patched decoder self-attention caches
+    the real part of ``[prefix ; keys]``), which holds its whole storage: that
+    is the memory it keeps alive, not ``numel() * element_size()``.
+    """
+    storages = {}
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def cache_bytes(cache) -> tuple[int, int]:
     """(self-attention bytes, cross-attention bytes) held by an EncoderDecoderCache (or legacy tuples)."""
     def size(part) -> int:
-        total = 0
         layers = getattr(part, "layers", None)
-        if layers is not None:
-            for layer in layers:
-                for name in ("keys", "values"):
-                    tensor = getattr(layer, name, None)
-                    if isinstance(tensor, torch.Tensor):
-                        total += tensor.numel() * tensor.element_size()
-        return total
+        if layers is None:
+            return 0
+        return held_bytes(getattr(layer, name, None) for layer in layers for name in ("keys", "values"))
 
     if hasattr(cache, "self_attention_cache"):
         return size(cache.self_attention_cache), size(cache.cross_attention_cache)
     if isinstance(cache, (tuple, list)):  # legacy: per layer (k, v, cross_k, cross_v)
-        own = sum(t.numel() * t.element_size() for layer in cache for t in layer[:2])
-        cross = sum(t.numel() * t.element_size() for layer in cache for t in layer[2:])
-        return own, cross
+        return held_bytes(t for layer in cache for t in layer[:2]), held_bytes(t for layer in cache for t in layer[2:])
     return 0, 0
 
 

@@ -310,7 +310,9 @@ def _prefix_pair(
                 f"prefix.{site}[{layer}] {name} has shape {tuple(t.shape)}, expected "
                 f"(1 or {batch}, {num_heads}, P, {head_dim})"
             )
-        out.append(t.detach().to(device=w.device, dtype=w.dtype).expand(batch, -1, -1, -1))
+        # Not detached: called outside no_grad, the reference is differentiable in the prefix
+        # (tests/test_compile_prefix.py's gradient reference); weights stay detached.
+        out.append(t.to(device=w.device, dtype=w.dtype).expand(batch, -1, -1, -1))
     if out[0].shape[2] != out[1].shape[2]:
         raise ValueError(f"prefix.{site}[{layer}] key and value lengths differ")
     return out[0], out[1]

@@ -9,7 +9,7 @@ from torch import nn
 
 from transformers.cache_utils import EncoderDecoderCache
 
-from .._state import active_state
+from .._state import STATE_KWARG, active_state
 from ..errors import UnsupportedConfigurationError
 
 try:  # 4.54+: caches are made of layers
@@ -147,6 +147,10 @@ def prefixed_keys_values(
         # cache (hence positions and generate()'s bookkeeping) holds real tokens only.
         key_states = concat_prefix(prefix_key, key_states)
         value_states = concat_prefix(prefix_value, value_states)
+        layer = None if cache is None else appendable_layer(curr_cache, self.layer_idx)
+        if layer is not None:  # the first step: from now on the cache holds a view, as in the branch above
+            n_prefix = prefix_key.shape[2]
+            layer.keys, layer.values = key_states[:, :, n_prefix:], value_states[:, :, n_prefix:]
     return key_states, value_states
 
 
@@ -220,8 +224,13 @@ def attention_wrapper(fork: Callable) -> Callable:
     """
 
     def wrapper(wrapped, instance, args, kwargs):
-        state = active_state()
-        if state is None or torch.compiler.is_compiling():  # the entry guards refuse prefixes under compile
+        if STATE_KWARG in kwargs:  # traced by torch.compile: the entry guard passed the state down
+            state = kwargs.pop(STATE_KWARG)
+        elif torch.compiler.is_compiling():
+            return wrapped(*args, **kwargs)
+        else:
+            state = active_state()
+        if state is None:
             return wrapped(*args, **kwargs)
         hidden_states = args[0] if args else kwargs["hidden_states"]
         prefix_kv = state.kv_for(instance, hidden_states.shape[0])

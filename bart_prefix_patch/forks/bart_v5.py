@@ -41,6 +41,7 @@ from ._masks import prefixed_mask
 FAMILIES = ("D", "E", "E2")
 
 
+
 @dataclass(frozen=True)
 class _Upstream:
     """Which family's small differences apply, read from the upstream code itself.
@@ -94,6 +95,7 @@ def attention_forward(
     if cache is None:  # DIFF: 5.0 - 5.23 spell the argument past_key_values
         cache = past_key_values
     is_cross_attention = key_value_states is not None
+    cache_position = None  # bound on every family: torch.compile cannot trace a closure over an unset cell
     if upstream.cache_position_to_update:
         # D: cache_position is a named upstream argument, used for the cache
         # update only (never passed on to the attention function).
@@ -143,6 +145,25 @@ def attention_forward(
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return self.out_proj(attn_output), attn_weights
+
+
+def traceable(module: ModuleType, prefix: str) -> bool:
+    """Whether a traced call's state reaches this module's attention forks as a keyword argument.
+
+    From 5.4 on every layer takes ``**kwargs`` and hands them to its attention
+    (and the stacks to their layers), so ``_state.STATE_KWARG`` travels from the
+    entry guard down to the fork and prefixed calls compile under torch.compile.
+    5.0 - 5.3 layers take no ``**kwargs`` (the keyword would be dropped, the
+    prefix silently lost): there a prefixed call runs eagerly. The pinned
+    releases' layer sources are fingerprinted; tests/test_compile_prefix.py and
+    tests/test_compile_family.py check the result on each.
+    """
+    layers = [getattr(module, f"{prefix}{kind}Layer", None) for kind in ("Encoder", "Decoder")]
+    return all(
+        layer is not None
+        and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(layer.forward).parameters.values())
+        for layer in layers
+    )
 
 
 def patches(module: ModuleType, prefix: str) -> list[tuple[type, str, Callable]]:
