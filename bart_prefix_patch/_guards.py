@@ -296,16 +296,31 @@ def entry_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -
     before, args, prefix, attachment = _enter(instance, args, kwargs, "")
     if not is_applied():
         return wrapped(*args, **kwargs)
+    state, resolved_here = _forward_state(instance, wrapped, args, kwargs, prefix, attachment)
+    if not resolved_here:  # no prefix, or nested in a call that already resolved it
+        return wrapped(*args, **kwargs)
+    return run_whole(before, instance, state, wrapped, args, kwargs)
+
+
+def _forward_state(
+    instance: Any, wrapped: Callable, args: tuple, kwargs: dict, prefix: Optional[Prefix], attachment: Any
+) -> tuple[Optional[PrefixState], bool]:
+    """The state a forward call runs with, and whether this call resolved it.
+
+    ``(state, False)`` for a call nested in one that already resolved the prefix
+    (an eager ``generate()`` step, a stack inside its model), ``(None, False)``
+    for a call without any prefix (after refusing a prefixed cache), else the
+    given or attached prefix resolved here.
+    """
     if prefix is None:
         state = active_state()
         if state is not None and state.covers(instance):
-            return wrapped(*args, **kwargs)  # nested in a call that already resolved the prefix
+            return state, False
         if attachment is None:
             _refuse_prefixed_cache(instance, wrapped, args, kwargs)
-            return wrapped(*args, **kwargs)
+            return None, False
         prefix = attachment.source
-    state = resolve(instance, prefix, _input_batch(wrapped, args, kwargs))
-    return run_whole(before, instance, state, wrapped, args, kwargs)
+    return resolve(instance, prefix, _input_batch(wrapped, args, kwargs)), True
 
 
 def entry_generate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -386,16 +401,10 @@ def _traced_state(original: Callable, instance: Any, args: tuple, kwargs: dict):
     core = (attachment.core() if attachment else None) or core_of(instance)
     if core is not None and any(getattr(stack, "gradient_checkpointing", False) for stack in stacks(core)):
         return None
-    wrapped = original.__get__(instance, type(instance))
-    if prefix is None:
-        state = active_state()
-        if state is not None and state.covers(instance):
-            return args, kwargs, state  # a step of an eager generate() calling a compiled forward
-        if attachment is None:
-            _refuse_prefixed_cache(instance, wrapped, args, kwargs)
-            return args, kwargs, None
-        prefix = attachment.source
-    return args, kwargs, resolve(instance, prefix, _input_batch(wrapped, args, kwargs))
+    # A nested call's state (e.g. a step of an eager generate() calling a compiled forward) is
+    # passed down like one resolved here.
+    state, _ = _forward_state(instance, original.__get__(instance, type(instance)), args, kwargs, prefix, attachment)
+    return args, kwargs, state
 
 
 def guard_targets(model_classes: list[type]) -> list[tuple[type, str, Callable]]:
