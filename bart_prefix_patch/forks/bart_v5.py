@@ -41,7 +41,6 @@ from ._masks import prefixed_mask
 FAMILIES = ("D", "E", "E2")
 
 
-
 @dataclass(frozen=True)
 class _Upstream:
     """Which family's small differences apply, read from the upstream code itself.
