@@ -33,6 +33,8 @@ SCRIPTS = {
                                      "| greedy generate, 4 new tokens (compiled forward)",
                                      "patched, no prefix (compiled)"]),
     "bench_memory.py": ("memory", ["Memory of one generate()", "| greedy", "patched, prefix 20"]),
+    "bench_sdpa_keys.py": ("sdpa_keys", ["sdpa time with 20 more keys", "| encoder self-attention",
+                                         "| decoding step, cross-attention"]),
     "bench_learning.py": ("learning", ["Exact match (%) of greedy generate()", "| full prefix (enc+dec+cross)",
                                        "| stock behaviour (cross replaces encoder)", "| full fine-tuning"]),
 }
