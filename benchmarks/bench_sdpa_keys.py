@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import _common as C  # noqa: I001  (first: pins torch to one thread)
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 
@@ -44,8 +46,9 @@ def main() -> int:
 
     rows, results = [], {}
     for source in args.sources:
-        for call, queries, repeat in (("encoder self-attention", source, 20), ("decoding step, cross-attention", 1, 400)):
-            repeat = args.repeat or (2 if args.quick else repeat)
+        for call, queries, default_repeat in (("encoder self-attention", source, 20),
+                                              ("decoding step, cross-attention", 1, 400)):
+            repeat = args.repeat or (2 if args.quick else default_repeat)
             q = randn(args.batch, args.heads, queries, args.head_dim)
             keys = {n: (randn(args.batch, args.heads, n, args.head_dim), randn(args.batch, args.heads, n, args.head_dim))
                     for n in (source, source + args.prefix)}
@@ -59,11 +62,9 @@ def main() -> int:
             timing = C.paired_rounds({base: lambda: run(source), more: lambda: run(source + args.prefix)}, base,
                                      args.rounds)
             entry = timing[more]
-            time_ratio = entry["time_ratio_cpu"]
-            rows.append([call, queries, source, source + args.prefix, C.fmt(time_ratio, 3),
-                         C.fmt((source + args.prefix) / source, 3),
-                         C.spread(entry, invert=True),
-                         C.fmt(1e3 * sorted(timing[base]["cpu_s"])[len(timing[base]["cpu_s"]) // 2] / repeat, 3)])
+            rows.append([call, queries, source, source + args.prefix, C.fmt(entry["time_ratio_cpu"], 3),
+                         C.fmt((source + args.prefix) / source, 3), C.spread(entry, invert=True),
+                         C.fmt(1e3 * statistics.median(timing[base]["cpu_s"]) / repeat, 3)])
             results[f"{call}, source {source}"] = {"queries": queries, "keys": source, "keys_with_prefix": source + args.prefix,
                                                    "repeat": repeat, "timing": timing}
     print(f"sdpa time with {args.prefix} more keys (CPU flash attention, torch {torch.__version__}, batch {args.batch}, "
