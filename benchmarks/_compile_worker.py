@@ -23,7 +23,8 @@ and then answer commands read from stdin, one per line:
 
 With ``"prefix": N`` in the settings (bench_compile.py ``--prefix N``), the patched worker passes
 a seeded random ``Prefix`` of N tokens on encoder self-, decoder self- and cross-attention to every
-call; the stock worker runs the same calls without one.
+call; the stock worker runs the same calls without one. ``"trainable_prefix": true``
+(``--trainable-prefix``): that prefix's tensors require grad, as a prefix straight from training.
 
 ``forward N`` / ``generate N`` time N calls in a row as one measurement.
 
@@ -115,6 +116,13 @@ def main() -> int:
     dims, batch, source, new_tokens = SETTINGS["dims"], SETTINGS["batch"], SETTINGS["source"], SETTINGS["new_tokens"]
     n_prefix = SETTINGS.get("prefix", 0)
     prefix = random_prefix(dims, n_prefix) if n_prefix and KIND == "patched" else None
+    if prefix is not None and SETTINGS.get("trainable_prefix"):
+        # Served as it came out of training: leaf tensors that require grad (forward and generate
+        # still run under no_grad).
+        for site in (prefix.encoder, prefix.decoder, prefix.cross):
+            for pair in site:
+                for tensor in pair:
+                    tensor.requires_grad_(True)
     extra = {"prefix": prefix} if prefix is not None else {}
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(4, dims["vocab_size"], (batch, source), generator=gen)

@@ -4,6 +4,7 @@
     python benchmarks/bench_compile.py --quick   # tiny model, 2 rounds: the CI smoke test
     python benchmarks/bench_compile.py --control # A/A: both workers stock (how far two processes differ)
     python benchmarks/bench_compile.py --prefix 20 --source 512   # compiled prefixed calls vs stock compiled
+    python benchmarks/bench_compile.py --prefix 20 --source 512 --trainable-prefix   # its tensors require grad
 
 ``--prefix N``: the patched worker passes an N-token prefix on all three sites
 to every call, the stock worker none (the ratio is what a prefix costs under
@@ -116,7 +117,12 @@ def main() -> int:
     p.add_argument("--prefix", type=int, default=0,
                    help="prefix tokens on all three sites in the patched worker (default 0: no prefix); adds the "
                         "train command and an uncompiled prefixed row")
+    p.add_argument("--trainable-prefix", action="store_true",
+                   help="with --prefix: the prefix's tensors require grad (a prefix straight from training; "
+                        "forward and generate still run under no_grad)")
     args = p.parse_args()
+    if args.trainable_prefix and not args.prefix:
+        p.error("--trainable-prefix needs --prefix N")
     if args.prefix and args.control:
         p.error("--prefix and --control exclude each other")
     quick = args.quick
@@ -129,7 +135,7 @@ def main() -> int:
     args.repeat_generate = args.repeat_generate or (1 if quick else 4)
     dims = C.TINY if quick else SMALL
     settings = {"seed": 0, "dims": dims, "batch": args.batch, "source": args.source, "target": args.target,
-                "new_tokens": args.new_tokens, "prefix": args.prefix}
+                "new_tokens": args.new_tokens, "prefix": args.prefix, "trainable_prefix": args.trainable_prefix}
 
     started = C.time.perf_counter()
     second = "stock" if args.control else "patched"
@@ -205,7 +211,8 @@ def main() -> int:
                          C.fmt(e["ratio_wall"]), f"{per_call_ms:.1f}", info[kind][f"{command}_graph_breaks"], explain,
                          info[kind][f"{command}_graphs"], e["rounds"],
                          "baseline" if kind == "stock" else (agree if same[command] else "differs!")])
-    what = (f"with a {args.prefix}-token prefix on all three sites (stock: none)" if args.prefix
+    trainable = " whose tensors require grad" if args.trainable_prefix else ""
+    what = (f"with a {args.prefix}-token prefix{trainable} on all three sites (stock: none)" if args.prefix
             else "without a prefix")
     print(f"\nCompiled speed {what}, patched relative to stock transformers (1.00 = stock; higher "
           f"is faster). batch {args.batch}, source {args.source}, forward decoder length {args.target}, "

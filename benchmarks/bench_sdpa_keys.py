@@ -14,6 +14,13 @@ and ``source + prefix`` keys, in bracketed alternating rounds
 process). It asks whether the kernel charges a prefix more than its share of
 the keys (the kernel walks keys in blocks, so 512 + 20 keys need one more
 block than 492 + 20). docs/benchmarks.md, section 8, has the answer measured.
+
+``--cache-growth``: instead, what growing the decoder self-attention cache
+costs one greedy generate() (``--layers`` layers, key and value, ``--new-tokens``
+steps): stock's one concatenation per step (``DynamicLayer.update``; the
+package's ``[prefix ; cache ; new]`` join is the same copy plus the prefix
+columns) against writing each step into a preallocated buffer, the remedy
+issue 14 suggested; section 8 puts the difference next to a generate()'s time.
 """
 
 from __future__ import annotations
@@ -36,9 +43,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7, help="bracketed rounds")
     parser.add_argument("--repeat", type=int, default=None,
                         help="kernel calls per timed run (default: 20 for the encoder shape, 400 for one query)")
+    parser.add_argument("--cache-growth", action="store_true",
+                        help="time the self-attention cache's growth over one generate() instead (see above)")
+    parser.add_argument("--layers", type=int, default=6, help="--cache-growth: decoder layers")
+    parser.add_argument("--new-tokens", type=int, default=64, help="--cache-growth: decoding steps")
     args = parser.parse_args()
     if args.quick:
         args.sources, args.batch, args.heads, args.rounds = [24], 1, 2, 1
+        args.layers, args.new_tokens = 2, 8
+    if args.cache_growth:
+        return cache_growth(args)
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape):
@@ -73,6 +87,39 @@ def main() -> int:
                    "time ratio min-max", "ms per call (stock)"], rows))
     C.write_results("sdpa_keys", args, {"prefix": args.prefix, "batch": args.batch, "heads": args.heads,
                                         "head_dim": args.head_dim, "rows": results})
+    return 0
+
+
+def cache_growth(args) -> int:
+    """Grow ``2 * layers`` caches by one token per step, by concatenation and into a preallocated buffer."""
+    shape = (args.batch, args.heads, 1, args.head_dim)
+    new = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    caches = 2 * args.layers  # key and value per layer
+    prefix = args.prefix
+
+    def concatenate():
+        held = [new.clone() for _ in range(caches)]
+        for _ in range(args.new_tokens - 1):
+            for i in range(caches):
+                held[i] = torch.cat([held[i], new], dim=2)
+
+    def preallocated():
+        buffers = [new.new_empty(args.batch, args.heads, prefix + args.new_tokens, args.head_dim) for _ in range(caches)]
+        for step in range(args.new_tokens):
+            for buffer in buffers:
+                buffer[:, :, prefix + step:prefix + step + 1].copy_(new)
+
+    timing = C.paired_rounds({"concatenate": concatenate, "preallocated buffer": preallocated}, "concatenate",
+                             args.rounds)
+    rows = [[name, C.fmt(1e3 * statistics.median(timing[name]["cpu_s"]), 1),
+             C.fmt(timing[name]["time_ratio_cpu"], 2), C.spread(timing[name], invert=True) if name != "concatenate" else "-"]
+            for name in ("concatenate", "preallocated buffer")]
+    print(f"self-attention cache growth over one greedy generate(): {args.layers} layers x (key, value), "
+          f"{args.new_tokens} steps, batch {args.batch}, {args.heads} heads of {args.head_dim}, "
+          f"{args.rounds} bracketed rounds, 1 thread")
+    print(C.table(["cache", "ms per generate() (median)", "time ratio", "min-max"], rows))
+    C.write_results("cache_growth", args, {"layers": args.layers, "new_tokens": args.new_tokens, "batch": args.batch,
+                                           "heads": args.heads, "head_dim": args.head_dim, "timing": timing})
     return 0
 
 

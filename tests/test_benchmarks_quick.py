@@ -69,6 +69,15 @@ def test_quick_mode_prints_its_table(runs, script):
     assert data["quick"] is True and data["machine"]["torch_threads"] == 1
 
 
+def test_cache_growth_quick(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_sdpa_keys.py"), "--quick", "--cache-growth",
+                           "--out", str(tmp_path / "cache_growth.json")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| preallocated buffer" in done.stdout and "self-attention cache growth" in done.stdout
+    assert json.loads((tmp_path / "cache_growth.json").read_text())["layers"] == 2
+
+
 def test_plots_from_quick_results(runs, tmp_path):
     pytest.importorskip("matplotlib")
     directory, results = runs

@@ -123,6 +123,27 @@ def test_compiled_forward_generates_as_eager():
     assert torch.equal(model.generate(ids, attention_mask=mask, prefix=prefix, **beam), eager_beam)
 
 
+def test_compiled_calls_with_a_trainable_prefix_under_no_grad_match_reference():
+    """A prefix straight from training (tensors that require grad), served under no_grad, compiled."""
+    model = tiny_model(seed=0, attn_implementation="sdpa").requires_grad_(False)
+    ids, mask = source_batch(model.config, pad_last=2)
+    prefix = make_prefix(model.config, scale=2.0)
+    leaves = _trainable(prefix)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter)
+    dec = target_batch(model.config)
+    with torch.no_grad():
+        logits = compiled(ids, attention_mask=mask, decoder_input_ids=dec, prefix=prefix).logits
+    torch.testing.assert_close(logits.double(), reference_logits(model, ids, dec, attention_mask=mask, prefix=prefix),
+                               atol=1e-4, rtol=1e-4)
+    model.forward = torch.compile(model.forward, backend=counter)
+    got = model.generate(ids, attention_mask=mask, prefix=prefix, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(got, reference_greedy(model, ids, 5, attention_mask=mask, prefix=prefix))
+    assert all(leaf.requires_grad and leaf.grad is None for leaf in leaves)  # left as they were
+    if TRACED:
+        assert counter.frame_count > 0
+
+
 def test_mixed_batch_compiles_and_matches_each_example_alone():
     model = tiny_model(seed=0, attn_implementation="sdpa")
     ids, mask = source_batch(model.config, batch=3, pad_last=2)
