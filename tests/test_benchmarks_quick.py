@@ -40,11 +40,11 @@ SCRIPTS = {
 }
 
 
-def _run(script: str, out: Path) -> subprocess.CompletedProcess:
+def _run(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out), *extra],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False,
     )
 
@@ -70,9 +70,7 @@ def test_quick_mode_prints_its_table(runs, script):
 
 
 def test_cache_growth_quick(tmp_path):
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_sdpa_keys.py"), "--quick", "--cache-growth",
-                           "--out", str(tmp_path / "cache_growth.json")], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300, check=False)
+    done = _run("bench_sdpa_keys.py", tmp_path / "cache_growth.json", "--cache-growth")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "| preallocated buffer" in done.stdout and "self-attention cache growth" in done.stdout
     assert json.loads((tmp_path / "cache_growth.json").read_text())["layers"] == 2
