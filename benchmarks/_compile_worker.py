@@ -112,6 +112,11 @@ def random_prefix(dims: dict, length: int):
                       cross=site(dims["decoder_layers"]))
 
 
+def trainable(prefix) -> list:
+    """Make every key/value tensor of ``prefix`` require grad; returns them (the leaves a step trains)."""
+    return [t.requires_grad_() for site in (prefix.encoder, prefix.decoder, prefix.cross) for pair in site for t in pair]
+
+
 def main() -> int:
     dims, batch, source, new_tokens = SETTINGS["dims"], SETTINGS["batch"], SETTINGS["source"], SETTINGS["new_tokens"]
     n_prefix = SETTINGS.get("prefix", 0)
@@ -119,10 +124,7 @@ def main() -> int:
     if prefix is not None and SETTINGS.get("trainable_prefix"):
         # Served as it came out of training: leaf tensors that require grad (forward and generate
         # still run under no_grad).
-        for site in (prefix.encoder, prefix.decoder, prefix.cross):
-            for pair in site:
-                for tensor in pair:
-                    tensor.requires_grad_(True)
+        trainable(prefix)
     extra = {"prefix": prefix} if prefix is not None else {}
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(4, dims["vocab_size"], (batch, source), generator=gen)
@@ -184,11 +186,10 @@ def main() -> int:
         train_model = build()
         train_extra = {}
         if prefix is not None:
-            # Its own prefix, trainable: forward and generate keep inference tensors, as served.
+            # Its own prefix, trainable; forward and generate keep theirs (inference tensors unless trainable_prefix).
             train_model.requires_grad_(False)
             train_prefix = random_prefix(dims, n_prefix)
-            leaves = [t.requires_grad_() for site in (train_prefix.encoder, train_prefix.decoder, train_prefix.cross)
-                      for pair in site for t in pair]
+            leaves = trainable(train_prefix)
             train_extra = {"prefix": train_prefix}
         else:
             leaves = list(train_model.parameters())
