@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
@@ -398,13 +398,53 @@ def _traced_state(original: Callable, instance: Any, args: tuple, kwargs: dict):
         return None
     kwargs = dict(kwargs)
     _, args, prefix, attachment = _enter(instance, args, kwargs, "")
-    core = (attachment.core() if attachment else None) or core_of(instance)
-    if core is not None and any(getattr(stack, "gradient_checkpointing", False) for stack in stacks(core)):
+    if _checkpoints(instance, attachment):
         return None
     # A nested call's state (e.g. a step of an eager generate() calling a compiled forward) is
     # passed down like one resolved here.
     state, _ = _forward_state(instance, original.__get__(instance, type(instance)), args, kwargs, prefix, attachment)
     return args, kwargs, state
+
+
+def _checkpoints(instance: Any, attachment: Any = None) -> bool:
+    """Whether a stack of ``instance``'s model checkpoints its layers (recomputation reads the ContextVar)."""
+    core = (attachment.core() if attachment else None) or core_of(instance)
+    return core is not None and any(getattr(stack, "gradient_checkpointing", False) for stack in stacks(core))
+
+
+def state_into_model_inputs(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """``prepare_inputs_for_generation`` that hands the ``generate()`` call's state to every step.
+
+    Installed with the forks on model classes of :func:`._state.traceable`
+    (transformers 5.4+). Each decoding step's model inputs carry
+    :data:`._state.STATE_KWARG`, so the step's forward finds the state among
+    its arguments, as a nested traced call does (:func:`traced_forward`): a
+    compiled forward (``model.forward = torch.compile(model.forward)``) no
+    longer leaves the graph once per step to read it (benchmarks/bench_compile_entry.py),
+    and an eager one skips the per-step lookup. ``generate()`` validates only
+    the caller's keyword arguments, never these inputs. Nothing is added
+    without a prefixed call of this model in flight, or when a stack
+    checkpoints its layers (as :func:`_traced_state` decides).
+    """
+    inputs = wrapped(*args, **kwargs)
+    state = active_state()
+    if (
+        state is not None
+        and isinstance(inputs, dict)
+        and STATE_KWARG not in inputs
+        and state.covers(instance)
+        and traceable(type(instance))
+        and not _checkpoints(instance)
+    ):
+        inputs[STATE_KWARG] = state
+    return inputs
+
+
+def model_input_targets(model_classes: Iterable[type]) -> list[tuple[type, str, Callable]]:
+    """``(class, "prepare_inputs_for_generation", state_into_model_inputs)`` for the classes that generate."""
+    return [(cls, "prepare_inputs_for_generation", state_into_model_inputs)
+            for cls in sorted(model_classes, key=lambda c: c.__qualname__)
+            if callable(getattr(cls, "prepare_inputs_for_generation", None)) and _generates(cls)]
 
 
 def guard_targets(model_classes: list[type]) -> list[tuple[type, str, Callable]]:

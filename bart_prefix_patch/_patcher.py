@@ -19,7 +19,15 @@ from typing import Any, Callable, Optional
 
 from . import _compat, _registry, _state, _verify
 from ._architectures import ARCHITECTURES
-from ._guards import carried, entry_forward, guard_targets, method_wrapper, refusal_targets, traced_forward
+from ._guards import (
+    carried,
+    entry_forward,
+    guard_targets,
+    method_wrapper,
+    model_input_targets,
+    refusal_targets,
+    traced_forward,
+)
 from ._models import head_classes, modeling_module
 from .forks import _cache
 from .errors import UnsupportedTransformersError
@@ -179,6 +187,8 @@ def _install_fork(fork: Any, models: Optional[dict] = None) -> None:
                 _registry.install("forks", owner, attr, method_wrapper(wrapper, carried(wrapper)))
             if getattr(fork, "traceable", None) is not None and fork.traceable(module, row.prefix):
                 traceable |= set(head_classes(row, module))
+    for owner, attr, wrapper in model_input_targets(traceable):  # the state travels with each step's inputs
+        _registry.install("forks", owner, attr, method_wrapper(wrapper))
     _state.set_traceable(frozenset(traceable))
     _registry.set_status(True, models=refused if refused is not None else {
         row.model_type: "not verified (the self-check runs BART)" for row in _present_rows() if row.model_type != _VERIFIABLE

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import make_prefix, source_batch, target_batch
 from reference import _decode, _encode, _extract_weights, reference_greedy, reference_logits, tiny_model
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
 from transformers import BartForConditionalGeneration
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
@@ -121,6 +122,55 @@ def test_compiled_forward_generates_as_eager():
     greedy = model.generate(ids, attention_mask=mask, prefix=prefix, max_new_tokens=5, do_sample=False)
     torch.testing.assert_close(greedy, reference_greedy(model, ids, 5, attention_mask=mask, prefix=prefix))
     assert torch.equal(model.generate(ids, attention_mask=mask, prefix=prefix, **beam), eager_beam)
+
+
+def test_compiled_prefixed_generate_never_leaves_the_graph():
+    """On 5.4+ each decoding step's model inputs carry the call's state: no graph break per step."""
+    if not TRACED:
+        pytest.skip("this release runs prefixed calls eagerly under torch.compile (docs/how-it-works.md)")
+    model = tiny_model(seed=0, attn_implementation="sdpa")
+    ids, mask = source_batch(model.config, pad_last=2)
+    want = {seed: reference_greedy(model, ids, 5, attention_mask=mask, prefix=make_prefix(model.config, scale=2.0,
+                                                                                        seed=seed))
+            for seed in (0, 1)}
+    model.forward = torch.compile(model.forward, backend="eager")
+    counters.clear()
+    for seed in (0, 1):  # a new prefix (and state) per call: traced again, not broken
+        prefix = make_prefix(model.config, scale=2.0, seed=seed)
+        got = model.generate(ids, attention_mask=mask, prefix=prefix, max_new_tokens=5, do_sample=False)
+        torch.testing.assert_close(got, want[seed])
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+def _steps_carrying_the_state(model, **generate_kwargs) -> list[bool]:
+    """Run generate(); for each call of ``model.forward``, whether its inputs carried the state keyword."""
+    seen, forward = [], model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(_state.STATE_KWARG in kwargs)
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    try:
+        model.generate(**generate_kwargs)
+    finally:
+        del model.forward
+    return seen
+
+
+def test_step_inputs_carry_the_state_only_in_a_prefixed_generate():
+    model = tiny_model(seed=0, attn_implementation="sdpa")
+    ids, mask = source_batch(model.config, pad_last=1)
+    prefix = make_prefix(model.config, scale=2.0)
+    call = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    prefixed = _steps_carrying_the_state(model, prefix=prefix, num_beams=2, **call)
+    assert len(prefixed) == 4 and all(carried == TRACED for carried in prefixed), prefixed
+    assert not any(_steps_carrying_the_state(model, **call))  # no prefix: the upstream inputs
+    model.gradient_checkpointing_enable()  # recomputation reads the ContextVar: the state stays out
+    try:
+        assert not any(_steps_carrying_the_state(model, prefix=prefix, **call))
+    finally:
+        model.gradient_checkpointing_disable()
 
 
 def test_compiled_calls_with_a_trainable_prefix_under_no_grad_match_reference():
