@@ -5,6 +5,7 @@
     python benchmarks/bench_compile.py --control # A/A: both workers stock (how far two processes differ)
     python benchmarks/bench_compile.py --prefix 20 --source 512   # compiled prefixed calls vs stock compiled
     python benchmarks/bench_compile.py --prefix 20 --source 512 --trainable-prefix   # its tensors require grad
+    python benchmarks/bench_compile.py --prefix 20 --source 512 --malloc steady   # glibc thresholds pinned
 
 ``--prefix N``: the patched worker passes an N-token prefix on all three sites
 to every call, the stock worker none (the ratio is what a prefix costs under
@@ -120,6 +121,9 @@ def main() -> int:
     p.add_argument("--trainable-prefix", action="store_true",
                    help="with --prefix: the prefix's tensors require grad (a prefix straight from training; "
                         "forward and generate still run under no_grad)")
+    p.add_argument("--malloc", choices=["default", "steady"], default="default",
+                   help="steady: every worker pins glibc malloc's thresholds (_malloc.steady_malloc); default: as "
+                        "users run")
     args = p.parse_args()
     if args.trainable_prefix and not args.prefix:
         p.error("--trainable-prefix needs --prefix N")
@@ -135,7 +139,8 @@ def main() -> int:
     args.repeat_generate = args.repeat_generate or (1 if quick else 4)
     dims = C.TINY if quick else SMALL
     settings = {"seed": 0, "dims": dims, "batch": args.batch, "source": args.source, "target": args.target,
-                "new_tokens": args.new_tokens, "prefix": args.prefix, "trainable_prefix": args.trainable_prefix}
+                "new_tokens": args.new_tokens, "prefix": args.prefix, "trainable_prefix": args.trainable_prefix,
+                "malloc": args.malloc}
 
     started = C.time.perf_counter()
     second = "stock" if args.control else "patched"

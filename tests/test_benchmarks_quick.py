@@ -32,6 +32,13 @@ SCRIPTS = {
     "bench_compile.py": ("compile", ["Compiled speed without a prefix", "| forward (torch.compile(model))",
                                      "| greedy generate, 4 new tokens (compiled forward)",
                                      "patched, no prefix (compiled)"]),
+    "bench_compile_entry.py": ("compile_entry", ["Compiled greedy generate() in one patched process",
+                                                 "| prefix 4, as shipped", "| prefix 4, state read at a graph break",
+                                                 "| encoder, prefix 4", "same tokens, as shipped and state read at "
+                                                 "a graph break: True"]),
+    "bench_floor.py": ("floor", ["The floor of a 4-token prefix", "| minimal loop, prefix 4",
+                                 "| patched generate(), prefix 4", "floor for generate(): stock / (stock + that)",
+                                 "minimal loop decodes generate()'s tokens: {'no prefix': True, 'prefix': True}"]),
     "bench_memory.py": ("memory", ["Memory of one generate()", "| greedy", "patched, prefix 20"]),
     "bench_sdpa_keys.py": ("sdpa_keys", ["sdpa time with 20 more keys", "| encoder self-attention",
                                          "| decoding step, cross-attention"]),
