@@ -35,11 +35,11 @@ from typing import Callable
 
 import torch
 from torch._dynamo.utils import counters
-from transformers import GenerationConfig
 
 import bart_prefix_patch as bpp
 from bart_prefix_patch import _state
 from bench_compile import SMALL, dims_note
+from bench_generate import generation_config
 
 
 def state_read_at_a_graph_break(model: torch.nn.Module) -> Callable[[], None]:
@@ -84,11 +84,7 @@ def main() -> int:
         config = plain.config
         prefix = C.random_prefix(config, args.prefix)
         ids = C.source_ids(config, args.batch, args.source)
-        gc = GenerationConfig(
-            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=1, do_sample=False,
-            bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
-            forced_bos_token_id=None, forced_eos_token_id=None, no_repeat_ngram_size=0,
-        )
+        gc = generation_config(1, args.new_tokens)
 
         def repeated(fn):
             def run():
@@ -100,7 +96,8 @@ def main() -> int:
 
         generate = {
             "compiled generate, no prefix": repeated(lambda: plain.generate(ids, generation_config=gc)),
-            f"prefix {args.prefix}, as shipped": repeated(lambda: shipped.generate(ids, generation_config=gc, prefix=prefix)),
+            f"prefix {args.prefix}, as shipped":
+                repeated(lambda: shipped.generate(ids, generation_config=gc, prefix=prefix)),
             f"prefix {args.prefix}, state read at a graph break":
                 repeated(lambda: broken.generate(ids, generation_config=gc, prefix=prefix)),
         }
