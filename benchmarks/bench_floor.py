@@ -1,6 +1,8 @@
 """Benchmark 9: the floor, what a prefix costs a minimal greedy decoder written in plain PyTorch.
 
     python benchmarks/bench_floor.py           # bart-base dims, batch 4, source 512, 64 new tokens, prefix 20
+    python benchmarks/bench_floor.py --grow buffer   # only the buffer loop
+    python benchmarks/bench_floor.py --malloc steady # glibc malloc thresholds pinned (see _common.steady_malloc)
     python benchmarks/bench_floor.py --quick   # tiny model: the smoke test
 
 Issue 14 asks a prefixed greedy ``generate()`` for >= 0.99 of stock speed.
@@ -11,11 +13,16 @@ layer norm, GELU, sdpa; no transformers code, no patch) that gives a prefix
 the cheapest treatment an exact implementation can: the encoder and cross
 prefixes joined once per call, each decoder layer's self-attention
 keys/values in a buffer allocated once, holding the prefix from the start
-(nothing is copied per step; the loop has no cache to keep growing as stock
-does). Its time without and with the prefix, in bracketed alternating rounds,
-gives the prefix's own cost: the attention over its keys and nothing else.
+(nothing is copied per step; ``--grow buffer``). Its time without and with
+the prefix, in bracketed alternating rounds, gives the prefix's own cost: the
+attention over its keys and nothing else. ``--grow cat`` runs the same loop
+with a self-attention cache that grows by one concatenation per step, as
+stock's does (issue 14's item 4 asks the package's cache to grow exactly so):
+``[cache ; new]`` without a prefix, the package's ``[prefix ; cache ; new]``
+with one. The difference between the two floors is what that constraint
+costs a prefix.
 
-A second group times what section 6 measures in the same process: stock
+Another group times what section 6 measures in the same process: stock
 ``generate()`` against the patched one with the prefix. The extra seconds of
 the minimal loop, added to stock's time, give the floor for ``generate()``:
 ``stock / (stock + extra)``. Before timing, the minimal loop is checked to
@@ -29,6 +36,7 @@ import _common as C  # noqa: I001  (first: pins torch to one thread)
 
 import math
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +76,34 @@ def _join(prefix_pair, keys, values):
     return torch.cat([key, keys], dim=2), torch.cat([value, values], dim=2)
 
 
-def minimal_greedy(model, ids, new_tokens: int, prefix=None, eos: int = 2, start: int = 2) -> torch.Tensor:
+def _grow(prefix_pair, cached, key, value):
+    """``[prefix ; cached ; new]`` keys and values in one concatenation each (parts that exist)."""
+    keys, values = [key], [value]
+    if cached is not None:
+        keys.insert(0, cached[0])
+        values.insert(0, cached[1])
+    if prefix_pair is not None:
+        keys.insert(0, prefix_pair[0].expand(key.shape[0], -1, -1, -1))
+        values.insert(0, prefix_pair[1].expand(key.shape[0], -1, -1, -1))
+    if len(keys) == 1:
+        return key, value
+    return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+
+def minimal_greedy(model, ids, new_tokens: int, prefix=None, eos: int = 2, start: int = 2,
+                   grow: str = "buffer") -> torch.Tensor:
     """Greedy decoding of a post-LN BART, ``new_tokens`` steps, as ``generate()`` with the benchmark's config.
 
     EOS is suppressed until the last step (``min_new_tokens = max_new_tokens``)
     and forced there (BART's ``forced_eos_token_id``, which ``generate()`` applies).
 
-    ``prefix``: a :class:`bart_prefix_patch.Prefix` (batch 1) or None.
+    Args:
+        prefix: A :class:`bart_prefix_patch.Prefix` (batch 1) or None.
+        grow: How decoder self-attention keeps its keys/values. ``"buffer"``: one
+            buffer per layer allocated up front, holding the prefix from the start
+            (nothing copied per step). ``"cat"``: a cache that grows by one
+            concatenation per step as stock's does, ``[prefix ; cache ; new]`` with a
+            prefix (the package's join), ``[cache ; new]`` without.
     """
     config = model.config
     core = model.model
@@ -99,6 +128,7 @@ def minimal_greedy(model, ids, new_tokens: int, prefix=None, eos: int = 2, start
                 buffer[0, :, :, :n_prefix] = prefix.decoder[i][0]
                 buffer[1, :, :, :n_prefix] = prefix.decoder[i][1]
             buffers.append(buffer)
+        cached = [None] * len(decoder.layers)  # grow="cat": each layer's real keys/values (views)
         tokens = torch.full((batch, 1), start, dtype=torch.long)
         for step in range(new_tokens):
             y = F.embedding(tokens[:, -1:], decoder.embed_tokens.weight) * scale + decoder.embed_positions.weight[2 + step]
@@ -106,9 +136,14 @@ def minimal_greedy(model, ids, new_tokens: int, prefix=None, eos: int = 2, start
             end = n_prefix + step + 1
             for i, layer in enumerate(decoder.layers):
                 key, value = _keys_values(y, layer.self_attn, heads)
-                buffers[i][0, :, :, end - 1:end] = key
-                buffers[i][1, :, :, end - 1:end] = value
-                out = _attention(y, layer.self_attn, buffers[i][0, :, :, :end], buffers[i][1, :, :, :end], heads)
+                if grow == "cat":
+                    keys, values = _grow(None if prefix is None else prefix.decoder[i], cached[i], key, value)
+                    cached[i] = keys[:, :, n_prefix:], values[:, :, n_prefix:]
+                else:
+                    buffers[i][0, :, :, end - 1:end] = key
+                    buffers[i][1, :, :, end - 1:end] = value
+                    keys, values = buffers[i][0, :, :, :end], buffers[i][1, :, :, :end]
+                out = _attention(y, layer.self_attn, keys, values, heads)
                 y = _norm(y + out, layer.self_attn_layer_norm)
                 y = _norm(y + _attention(y, layer.encoder_attn, *cross[i], heads), layer.encoder_attn_layer_norm)
                 y = _norm(y + _ffn(y, layer), layer.final_layer_norm)
@@ -129,7 +164,14 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefix", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5, help="bracketed rounds")
+    parser.add_argument("--grow", choices=["buffer", "cat"], nargs="+", default=["buffer", "cat"],
+                        help="the minimal loop's self-attention keys: a buffer allocated once, a cache grown by "
+                             "concatenation as stock's (see minimal_greedy), or both (default)")
+    parser.add_argument("--malloc", choices=["default", "steady"], default="default",
+                        help="steady: pin glibc malloc's thresholds (see _common.steady_malloc); default: as users run")
     args = parser.parse_args()
+    if args.malloc == "steady" and not C.steady_malloc():
+        print("--malloc steady: mallopt() unavailable (not glibc?)", file=sys.stderr)
     dims = C.TINY if args.quick else C.BART_BASE
     if args.quick:
         args.source, args.new_tokens, args.prefix, args.rounds = 24, 6, 4, 1
@@ -143,53 +185,58 @@ def main() -> int:
         with torch.no_grad():
             return model.generate(ids, generation_config=gc, **kwargs)
 
+    def loop(grow, with_prefix):
+        return lambda: minimal_greedy(model, ids, args.new_tokens, prefix if with_prefix else None, grow=grow)
+
     # The minimal loop is a faithful BART: it decodes what generate() decodes.
     with C.stock():
         stock_tokens = generate()
-    same = {
-        "no prefix": torch.equal(minimal_greedy(model, ids, args.new_tokens), stock_tokens),
-        "prefix": torch.equal(minimal_greedy(model, ids, args.new_tokens, prefix), generate(prefix=prefix)),
-    }
+    prefixed_tokens = generate(prefix=prefix)
+    same = {f"{grow}, {'prefix' if p else 'no prefix'}": torch.equal(loop(grow, p)(), prefixed_tokens if p else stock_tokens)
+            for grow in args.grow for p in (False, True)}
     if not all(same.values()):
         raise SystemExit(f"the minimal loop decodes other tokens than generate(): {same}")
 
-    minimal = {
-        "minimal loop, no prefix": lambda: minimal_greedy(model, ids, args.new_tokens),
-        f"minimal loop, prefix {args.prefix}": lambda: minimal_greedy(model, ids, args.new_tokens, prefix),
-    }
     rows = {
         "stock generate(), no prefix": C.Variant(generate, C.stock),
         f"patched generate(), prefix {args.prefix}": C.Variant(lambda: generate(prefix=prefix)),
     }
-    timing = C.paired_rounds(minimal, "minimal loop, no prefix", args.rounds)
-    timing.update(C.paired_rounds(rows, "stock generate(), no prefix", args.rounds))
-
-    names = list(minimal) + list(rows)
-    median = {name: statistics.median(timing[name]["cpu_s"]) for name in names}
+    timing = C.paired_rounds(rows, "stock generate(), no prefix", args.rounds)
+    groups = {}
+    for grow in args.grow:
+        names = (f"minimal loop ({grow}), no prefix", f"minimal loop ({grow}), prefix {args.prefix}")
+        groups[grow] = names
+        timing.update(C.paired_rounds(dict(zip(names, (loop(grow, False), loop(grow, True)))), names[0], args.rounds))
 
     def baseline_per_round(name: str) -> list[float]:  # mean of the bracketing baseline runs, per round
         return [ratio * cpu for ratio, cpu in zip(timing[name]["ratios_cpu"], timing[name]["cpu_s"])]
 
-    # Per round: the prefix's extra seconds in the minimal loop, against that round's stock generate() time.
-    extras = [cpu - base for cpu, base in zip(timing[names[1]]["cpu_s"], baseline_per_round(names[1]))]
-    stocks = baseline_per_round(names[3])
-    extra = statistics.median(extras)
-    floor = statistics.median(stocks) / (statistics.median(stocks) + extra)
-    per_round = [s / (s + e) for s, e in zip(stocks, extras)]
-    table = [[name, C.fmt(timing[name]["ratio_cpu"], 3), "-" if name in (names[0], names[2]) else C.spread(timing[name]),
-              C.fmt(median[name], 3)] for name in names]
+    patched = f"patched generate(), prefix {args.prefix}"
+    stocks = baseline_per_round(patched)  # stock generate()'s time, per round
+    floors = {}
+    for grow, (_, prefixed) in groups.items():
+        # Per round: the prefix's extra seconds in the minimal loop, against that round's stock generate() time.
+        extras = [cpu - base for cpu, base in zip(timing[prefixed]["cpu_s"], baseline_per_round(prefixed))]
+        extra = statistics.median(extras)
+        floors[grow] = {"extra_s": extra, "extra_s_per_round": extras,
+                        "floor": statistics.median(stocks) / (statistics.median(stocks) + extra),
+                        "floor_per_round": [s / (s + e) for s, e in zip(stocks, extras)]}
+    baselines = {"stock generate(), no prefix"} | {names[0] for names in groups.values()}
+    table = [[name, C.fmt(entry["ratio_cpu"], 3), "-" if name in baselines else C.spread(entry),
+              C.fmt(statistics.median(entry["cpu_s"]), 3)] for name, entry in timing.items()]
     print(f"\nThe floor of a {args.prefix}-token prefix (all three sites), greedy, {C.dims_note(config)}, batch "
           f"{args.batch}, source {args.source}, {args.new_tokens} new tokens, {args.rounds} bracketed rounds, 1 thread; "
           "speed vs each group's baseline, median [min-max]:")
     print(C.table(["call", "speed vs baseline", "min-max", "CPU s per call (median)"], table))
-    print(f"the prefix's own cost in the minimal loop: {extra:+.3f} s per call (median of rounds); floor for generate(): "
-          f"stock / (stock + that) = {floor:.3f} (per round {min(per_round):.3f}-{max(per_round):.3f}); "
-          f"measured patched/stock: {timing[names[3]]['ratio_cpu']:.3f}")
+    for grow, f in floors.items():
+        print(f"minimal loop ({grow}): the prefix's own cost {f['extra_s']:+.3f} s per call (median of rounds); floor for "
+              f"generate(): stock / (stock + that) = {f['floor']:.3f} (per round {min(f['floor_per_round']):.3f}-"
+              f"{max(f['floor_per_round']):.3f})")
+    print(f"measured patched/stock: {timing[patched]['ratio_cpu']:.3f}")
     print(f"minimal loop decodes generate()'s tokens: {same}")
     C.write_results("floor", args, {
         "dims": dims, "batch": args.batch, "source": args.source, "new_tokens": args.new_tokens, "prefix": args.prefix,
-        "same_tokens": same, "extra_s": extra, "extra_s_per_round": extras, "floor": floor, "floor_per_round": per_round,
-        "timing": timing,
+        "same_tokens": same, "floors": floors, "timing": timing,
     })
     return 0
 

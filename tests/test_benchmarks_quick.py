@@ -36,9 +36,11 @@ SCRIPTS = {
                                                  "| prefix 4, as shipped", "| prefix 4, state read at a graph break",
                                                  "| encoder, prefix 4", "same tokens, as shipped and state read at "
                                                  "a graph break: True"]),
-    "bench_floor.py": ("floor", ["The floor of a 4-token prefix", "| minimal loop, prefix 4",
-                                 "| patched generate(), prefix 4", "floor for generate(): stock / (stock + that)",
-                                 "minimal loop decodes generate()'s tokens: {'no prefix': True, 'prefix': True}"]),
+    "bench_floor.py": ("floor", ["The floor of a 4-token prefix", "| minimal loop (buffer), prefix 4",
+                                 "| minimal loop (cat), prefix 4", "| patched generate(), prefix 4",
+                                 "minimal loop (cat): the prefix's own cost",
+                                 "minimal loop decodes generate()'s tokens: {'buffer, no prefix': True, 'buffer, "
+                                 "prefix': True, 'cat, no prefix': True, 'cat, prefix': True}"]),
     "bench_memory.py": ("memory", ["Memory of one generate()", "| greedy", "patched, prefix 20"]),
     "bench_sdpa_keys.py": ("sdpa_keys", ["sdpa time with 20 more keys", "| encoder self-attention",
                                          "| decoding step, cross-attention"]),
