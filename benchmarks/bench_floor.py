@@ -123,11 +123,12 @@ def minimal_greedy(model, ids, new_tokens: int, prefix=None, eos: int = 2, start
         cross, buffers = [], []
         for i, layer in enumerate(decoder.layers):
             cross.append(_join(None if prefix is None else prefix.cross[i], *_keys_values(x, layer.encoder_attn, heads)))
-            buffer = x.new_empty(2, batch, heads, n_prefix + new_tokens, dim // heads)
-            if prefix is not None:
-                buffer[0, :, :, :n_prefix] = prefix.decoder[i][0]
-                buffer[1, :, :, :n_prefix] = prefix.decoder[i][1]
-            buffers.append(buffer)
+            if grow == "buffer":
+                buffer = x.new_empty(2, batch, heads, n_prefix + new_tokens, dim // heads)
+                if prefix is not None:
+                    buffer[0, :, :, :n_prefix] = prefix.decoder[i][0]
+                    buffer[1, :, :, :n_prefix] = prefix.decoder[i][1]
+                buffers.append(buffer)
         cached = [None] * len(decoder.layers)  # grow="cat": each layer's real keys/values (views)
         tokens = torch.full((batch, 1), start, dtype=torch.long)
         for step in range(new_tokens):
