@@ -69,15 +69,12 @@ def _ffn(x, layer):
     return F.linear(F.gelu(F.linear(x, layer.fc1.weight, layer.fc1.bias)), layer.fc2.weight, layer.fc2.bias)
 
 
-def _join(prefix_pair, keys, values):
-    if prefix_pair is None:
-        return keys, values
-    key, value = (t.expand(keys.shape[0], -1, -1, -1) for t in prefix_pair)
-    return torch.cat([key, keys], dim=2), torch.cat([value, values], dim=2)
+def _join(prefix_pair, cached, key, value):
+    """``[prefix ; cached ; new]`` keys and values in one concatenation each (parts that exist).
 
-
-def _grow(prefix_pair, cached, key, value):
-    """``[prefix ; cached ; new]`` keys and values in one concatenation each (parts that exist)."""
+    The encoder and cross joins are ``[prefix ; keys]`` (``cached`` None); a step of
+    ``grow="cat"`` joins all three.
+    """
     keys, values = [key], [value]
     if cached is not None:
         keys.insert(0, cached[0])
@@ -116,13 +113,15 @@ def minimal_greedy(model, ids, new_tokens: int, prefix=None, eos: int = 2, start
         x = F.embedding(ids, encoder.embed_tokens.weight) * scale + encoder.embed_positions.weight[2:2 + source]
         x = _norm(x, encoder.layernorm_embedding)
         for i, layer in enumerate(encoder.layers):
-            keys, values = _join(None if prefix is None else prefix.encoder[i], *_keys_values(x, layer.self_attn, heads))
+            keys, values = _join(None if prefix is None else prefix.encoder[i], None,
+                                 *_keys_values(x, layer.self_attn, heads))
             x = _norm(x + _attention(x, layer.self_attn, keys, values, heads), layer.self_attn_layer_norm)
             x = _norm(x + _ffn(x, layer), layer.final_layer_norm)
         decoder = core.decoder
         cross, buffers = [], []
         for i, layer in enumerate(decoder.layers):
-            cross.append(_join(None if prefix is None else prefix.cross[i], *_keys_values(x, layer.encoder_attn, heads)))
+            cross.append(_join(None if prefix is None else prefix.cross[i], None,
+                               *_keys_values(x, layer.encoder_attn, heads)))
             if grow == "buffer":
                 buffer = x.new_empty(2, batch, heads, n_prefix + new_tokens, dim // heads)
                 if prefix is not None:
@@ -138,7 +137,7 @@ def minimal_greedy(model, ids, new_tokens: int, prefix=None, eos: int = 2, start
             for i, layer in enumerate(decoder.layers):
                 key, value = _keys_values(y, layer.self_attn, heads)
                 if grow == "cat":
-                    keys, values = _grow(None if prefix is None else prefix.decoder[i], cached[i], key, value)
+                    keys, values = _join(None if prefix is None else prefix.decoder[i], cached[i], key, value)
                     cached[i] = keys[:, :, n_prefix:], values[:, :, n_prefix:]
                 else:
                     buffers[i][0, :, :, end - 1:end] = key
