@@ -104,7 +104,8 @@ class PrefixState:
         self.batch = batch
         self.expansions = tuple(sorted(set(expansions)))
         self.owners = frozenset(id(owner) for owner in owners)
-        self._expanded: dict[tuple[int, int], KeyValue] = {}
+        # (module, runtime batch) -> its PrefixKV, built once per call (kv_for runs in every layer on every step)
+        self._expanded: dict[tuple[int, int], PrefixKV] = {}
 
     def tensors(self) -> list[torch.Tensor]:
         """Every prefix key and value, in a fixed order (see :meth:`with_tensors`)."""
@@ -133,6 +134,14 @@ class PrefixState:
         ``generate()`` uses for its own inputs; any other size is an error.
         The per-row visibility (if any) follows the same rule.
         """
+        memo = (id(module), runtime_batch)
+        # Outside torch.compile every result is kept for the rest of the call (kv_for runs in every
+        # layer on every decoding step); traced code keeps only the copies, as it always did.
+        eager = not torch.compiler.is_compiling()
+        if eager:
+            found = self._expanded.get(memo)
+            if found is not None:
+                return found
         pair = self.slices.get(module)
         if pair is None:
             return None
@@ -140,27 +149,29 @@ class PrefixState:
         visible = self.visible.get(module)
         prefix_batch = key.shape[0]
         if prefix_batch == runtime_batch:
-            return PrefixKV(key, value, visible)
-        if prefix_batch == 1:
+            found = PrefixKV(key, value, visible)
+        elif prefix_batch == 1:
             shape = (runtime_batch, *key.shape[1:])
             if visible is not None:
                 visible = visible.expand(runtime_batch, -1)
-            return PrefixKV(key.expand(shape), value.expand(shape), visible)
-        factor, remainder = divmod(runtime_batch, prefix_batch)
-        if remainder or factor not in self.expansions:
-            allowed = sorted({prefix_batch * k for k in self.expansions})
-            raise PrefixError(
-                f"prefix batch {prefix_batch} does not fit the runtime batch {runtime_batch} "
-                f"(expected 1 or one of {allowed})"
-            )
-        memo = (id(module), runtime_batch)
-        expanded = self._expanded.get(memo)
-        if expanded is None:
-            if visible is not None:
-                visible = visible.repeat_interleave(factor, dim=0)
-            expanded = PrefixKV(key.repeat_interleave(factor, dim=0), value.repeat_interleave(factor, dim=0), visible)
-            self._expanded[memo] = expanded
-        return expanded
+            found = PrefixKV(key.expand(shape), value.expand(shape), visible)
+        else:
+            factor, remainder = divmod(runtime_batch, prefix_batch)
+            if remainder or factor not in self.expansions:
+                allowed = sorted({prefix_batch * k for k in self.expansions})
+                raise PrefixError(
+                    f"prefix batch {prefix_batch} does not fit the runtime batch {runtime_batch} "
+                    f"(expected 1 or one of {allowed})"
+                )
+            found = self._expanded.get(memo)
+            if found is None:
+                if visible is not None:
+                    visible = visible.repeat_interleave(factor, dim=0)
+                found = PrefixKV(key.repeat_interleave(factor, dim=0), value.repeat_interleave(factor, dim=0), visible)
+                self._expanded[memo] = found
+        if eager:
+            self._expanded[memo] = found
+        return found
 
 
 def active_state() -> Optional[PrefixState]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers.cache_utils
 from conftest import make_prefix, source_batch
 from reference import reference_greedy, reference_sequence_logprob
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bart_prefix_patch as bpp
 
@@ -187,3 +189,53 @@ def test_reorder_cache_outside_a_prefixed_call_is_upstream():
     cache.reorder_cache(torch.tensor([1, 1]))
     for part in (cache.self_attention_cache, cache.cross_attention_cache):
         assert _layer0_keys(part)[:, 0, 0, 0].tolist() == [1.0, 1.0]
+
+
+class _KeyCopies(TorchDispatchMode):
+    """Records the output shape of every concatenation along the key axis (dim 2) of 4-D float tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.cat.default:
+            dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim", 0)
+            if out.dim() == 4 and out.is_floating_point() and dim % 4 == 2 and out.numel():
+                self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.skipif(not hasattr(transformers.cache_utils, "DynamicLayer"), reason="caches made of layers: 4.54+")
+@pytest.mark.parametrize("beams", [1, 2])
+def test_prefixed_generate_copies_what_stock_copies_plus_the_prefix(model, beams):
+    """Each key/value copy of a prefixed generate() is stock's with the prefix rows in front, plus the encoder's joins.
+
+    Decoder self-attention joins [prefix ; cache ; new] where stock's cache
+    update copies [cache ; new]; cross-attention caches [prefix ; encoder]
+    where stock caches the encoder projections, in one copy as stock (the
+    cache update must not copy the joined keys a second time); the encoder
+    joins [prefix ; keys] once per layer, where stock copies nothing.
+    """
+    config = model.config
+    source = NEW + 3  # longer than any self-attention cache, so stock's copies tell the two sites apart
+    ids, mask = source_batch(config, length=source, pad_last=1)
+    prefix = make_prefix(config)
+    lengths = {site: getattr(prefix, site)[0][0].shape[2] for site in ("encoder", "decoder", "cross")}
+    assert len(set(lengths.values())) == 3, "distinct lengths per site, so a copy's site shows in its shape"
+
+    def copies(**kwargs):
+        with torch.no_grad(), _KeyCopies() as record:
+            model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, num_beams=beams,
+                           do_sample=False, **kwargs)
+        return sorted(record.shapes)
+
+    prefixed = copies(prefix=prefix)
+    bpp.revert()
+    stock = copies()
+    assert stock, "stock generate() copies keys/values into its cache"
+    heads = config.encoder_attention_heads
+    encoder_joins = [(ids.shape[0], heads, source + lengths["encoder"], config.d_model // heads)]
+    want = [(b, h, n + lengths["cross" if n == source else "decoder"], d) for b, h, n, d in stock]
+    assert prefixed == sorted(want + encoder_joins * 2 * config.encoder_layers)

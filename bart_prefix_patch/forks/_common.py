@@ -18,9 +18,15 @@ except ImportError:  # 4.44 - 4.53
     _DynamicLayer = None
 
 
+def _in_dtype_of(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    # The prefix already has the model's dtype; only autocast makes the states differ. Comparing
+    # first skips a no-op .to() per join, which decoding pays in every layer on every step.
+    return prefix if prefix.dtype == states.dtype else prefix.to(states.dtype)
+
+
 def concat_prefix(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """``[prefix ; states]`` along the sequence axis, in the states' dtype (autocast)."""
-    return torch.cat([prefix.to(states.dtype), states], dim=2)
+    return torch.cat([_in_dtype_of(prefix, states), states], dim=2)
 
 
 def require_growable_cache(layer_cache, layer_idx: int) -> None:
@@ -40,15 +46,14 @@ def require_growable_cache(layer_cache, layer_idx: int) -> None:
         )
 
 
-def appendable_layer(layer_cache, layer_idx: int):
-    """The cache layer at ``layer_idx`` if appending to it is exactly one concatenation, else None.
+def plain_dynamic_layer(layer_cache, layer_idx: int):
+    """The cache layer at ``layer_idx`` if it is a plain ``DynamicLayer`` of a cache that does not offload.
 
-    That is a plain ``DynamicLayer`` (4.54+) that already holds 4-D keys, in a
-    cache that does not offload: ``Cache.update`` then only calls
-    ``DynamicLayer.update``, which concatenates (both fingerprinted through
-    ``DynamicLayer.update`` and the gate). Anything else (older caches,
-    quantized, sliding or offloaded layers, the first step) takes the stock
-    update.
+    There ``Cache.update`` only calls ``DynamicLayer.update``, which
+    concatenates (both fingerprinted through ``DynamicLayer.update`` and the
+    gate), so the fork may do that concatenation itself. Anything else (older
+    caches without layers, quantized, sliding or offloaded layers, a layer the
+    cache has not created yet) returns None and takes the stock update.
     """
     if _DynamicLayer is None or getattr(layer_cache, "offloading", False):
         return None
@@ -56,18 +61,13 @@ def appendable_layer(layer_cache, layer_idx: int):
     if layers is None or layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
-    if type(layer) is not _DynamicLayer or not getattr(layer, "is_initialized", False):
-        return None
-    keys = layer.keys
-    if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or not isinstance(layer.values, torch.Tensor):
-        return None
-    return layer
+    return layer if type(layer) is _DynamicLayer else None
 
 
 def join_cached(prefix: torch.Tensor, cached: Optional[torch.Tensor], states: torch.Tensor) -> torch.Tensor:
     """``[prefix ; cached ; states]`` in one concatenation, in the states' dtype."""
-    parts = [prefix.to(states.dtype), states] if cached is None else [prefix.to(states.dtype), cached, states]
-    return torch.cat(parts, dim=2)
+    prefix = _in_dtype_of(prefix, states)
+    return torch.cat([prefix, states] if cached is None else [prefix, cached, states], dim=2)
 
 
 def cached_keys_values(layer_cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +86,7 @@ def prefixed_keys_values(
     prefix_kv: tuple[torch.Tensor, torch.Tensor],
     update: Callable,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys/values ``[prefix ; real]`` with a ``Cache``-object cache (4.52 - 5.24).
+    """Keys/values ``[prefix ; real]`` with a ``Cache``-object cache (4.52 - 5.25).
 
     Upstream's key/value block of ``BartAttention.forward`` (the same in
     families B to E2 but for how the cache is called), with the prefix joined:
@@ -100,57 +100,57 @@ def prefixed_keys_values(
     """
     is_cross_attention = key_value_states is not None
     prefix_key, prefix_value = prefix_kv
-    is_updated = False
-    if cache is not None:
-        if isinstance(cache, EncoderDecoderCache):
-            is_updated = cache.is_updated.get(self.layer_idx)
-            curr_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
-        else:
-            curr_cache = cache
+    curr_cache = cache
+    if isinstance(cache, EncoderDecoderCache):
+        if is_cross_attention and cache.is_updated.get(self.layer_idx):
+            # Reuse: the cached cross keys/values already hold [prefix ; encoder].
+            return cached_keys_values(cache.cross_attention_cache, self.layer_idx)
+        curr_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
 
-    if is_cross_attention and cache is not None and is_updated:
-        # Reuse: the cached cross keys/values already hold [prefix ; encoder].
-        key_states, value_states = cached_keys_values(curr_cache, self.layer_idx)
-    else:
-        current_states = key_value_states if is_cross_attention else hidden_states
-        kv_shape = (*current_states.shape[:-1], -1, self.head_dim)
-        key_states = self.k_proj(current_states).view(kv_shape).transpose(1, 2)
-        value_states = self.v_proj(current_states).view(kv_shape).transpose(1, 2)
+    current_states = key_value_states if is_cross_attention else hidden_states
+    kv_shape = (*current_states.shape[:-1], -1, self.head_dim)
+    key_states = self.k_proj(current_states).view(kv_shape).transpose(1, 2)
+    value_states = self.v_proj(current_states).view(kv_shape).transpose(1, 2)
+    if curr_cache is None:
+        # DIFF: no cache (training, encoder): the prefix joins the projections.
+        return concat_prefix(prefix_key, key_states), concat_prefix(prefix_value, value_states)
+
+    require_growable_cache(curr_cache, self.layer_idx)  # DIFF: static caches cannot hold a prefix
+    layer = plain_dynamic_layer(curr_cache, self.layer_idx)
+    if layer is not None and not layer.is_initialized:
+        # A layer's first call: the stock update on zero tokens initialises it as upstream would.
+        update(curr_cache, key_states[:, :, :0], value_states[:, :, :0], is_cross_attention)
+    held = -1 if layer is None or layer.keys.dim() != 4 else layer.keys.shape[2]
+    if held == 0 or (held > 0 and not is_cross_attention):
+        # DIFF (speed): a plain dynamic layer. What DynamicLayer.update and the
+        # prefix join would do in two concatenations (each copying every
+        # cached key) is done in one: [prefix ; cached ; new] for decoder
+        # self-attention, whose layer keeps a view of the real part (the cache
+        # still reports real tokens only: positions, generate()'s bookkeeping,
+        # beam reordering and cropping act on the view as on stock keys, and it
+        # grows per step exactly as stock's); [prefix ; encoder] for
+        # cross-attention, cached whole.
+        key_states = join_cached(prefix_key, layer.keys if held else None, key_states)
+        value_states = join_cached(prefix_value, layer.values if held else None, value_states)
         if is_cross_attention:
-            # DIFF: the cross prefix is concatenated with the encoder projections
-            # (upstream would have replaced them) and cached together with them,
-            # so generation computes both once per generate() call.
-            key_states = concat_prefix(prefix_key, key_states)
-            value_states = concat_prefix(prefix_value, value_states)
-        layer = None if is_cross_attention or cache is None else appendable_layer(curr_cache, self.layer_idx)
-        if layer is not None:
-            # DIFF (speed): decoder self-attention on a plain dynamic layer. What
-            # DynamicLayer.update and the prefix join below would do in two
-            # concatenations (each copying every cached key) is done in one,
-            # [prefix ; cached ; new], and the layer keeps a view of the real
-            # part: the cache still reports real tokens only (positions,
-            # generate()'s bookkeeping, beam reordering and cropping act on the
-            # view as on stock keys) and grows per step exactly as stock's.
+            layer.keys, layer.values = key_states, value_states
+        else:
             n_prefix = prefix_key.shape[2]
-            key_states = join_cached(prefix_key, layer.keys, key_states)
-            value_states = join_cached(prefix_value, layer.values, value_states)
             layer.keys, layer.values = key_states[:, :, n_prefix:], value_states[:, :, n_prefix:]
-            return key_states, value_states
-        if cache is not None:
-            require_growable_cache(curr_cache, self.layer_idx)  # DIFF: static caches cannot hold a prefix
-            key_states, value_states = update(curr_cache, key_states, value_states, is_cross_attention)
-            if is_cross_attention and isinstance(cache, EncoderDecoderCache):
-                cache.is_updated[self.layer_idx] = True
-
-    if not is_cross_attention:
+    elif is_cross_attention:
+        # DIFF: the cross prefix is concatenated with the encoder projections
+        # (upstream would have replaced them) and cached together with them,
+        # so generation computes both once per generate() call.
+        key_states, value_states = update(
+            curr_cache, concat_prefix(prefix_key, key_states), concat_prefix(prefix_value, value_states), True
+        )
+    else:
         # DIFF: the self-attention prefix joins after the cache update, so the
         # cache (hence positions and generate()'s bookkeeping) holds real tokens only.
-        key_states = concat_prefix(prefix_key, key_states)
-        value_states = concat_prefix(prefix_value, value_states)
-        layer = None if cache is None else appendable_layer(curr_cache, self.layer_idx)
-        if layer is not None:  # the first step: from now on the cache holds a view, as in the branch above
-            n_prefix = prefix_key.shape[2]
-            layer.keys, layer.values = key_states[:, :, n_prefix:], value_states[:, :, n_prefix:]
+        key_states, value_states = update(curr_cache, key_states, value_states, False)
+        key_states, value_states = concat_prefix(prefix_key, key_states), concat_prefix(prefix_value, value_states)
+    if is_cross_attention and isinstance(cache, EncoderDecoderCache):
+        cache.is_updated[self.layer_idx] = True
     return key_states, value_states
 
 
