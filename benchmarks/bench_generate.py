@@ -6,6 +6,7 @@
     python benchmarks/bench_generate.py --part sweep   # only the source-length sweep
     python benchmarks/bench_generate.py --part overhead  # only the patch's per-call overhead
     python benchmarks/bench_generate.py --part profile   # per-operator profile, stock vs prefix (beam 4)
+    python benchmarks/bench_generate.py --part sites     # greedy, the prefix on one site at a time
     python benchmarks/bench_generate.py --malloc steady  # glibc malloc thresholds pinned (see _common.steady_malloc)
     python benchmarks/bench_generate.py --model marian   # the main table at Marian translation dims (see MARIAN)
 
@@ -283,6 +284,49 @@ def sweep(args, model, config, results):
                    "naive tok/s", "ratio"], rows))
 
 
+def sites(args, model, config, results):
+    """Where a prefix's cost sits: greedy ``generate()`` with the prefix on one site at a time.
+
+    Rows: stock; the prefix on the encoder only, decoder self-attention only,
+    cross-attention only, and on all three (the main table's prefixed row),
+    bracketed against stock in the same rounds. Each site's extra CPU seconds
+    per call (median over rounds of ``row - mean(stock before, after)``) show
+    which site holds the gap; their sum is set against the all-sites row.
+    """
+    ids = C.source_ids(config, args.batch, args.source)
+    gc = generation_config(1, args.new_tokens)
+
+    def run(prefix=None, context=None):
+        def call(**kwargs):
+            with torch.no_grad():
+                return model.generate(ids, generation_config=gc, **({"prefix": prefix} if prefix is not None else {}), **kwargs)
+        return C.Variant(call, context)
+
+    fns = {"stock, no prefix": run(context=C.stock)}
+    for name, chosen in (("encoder", ("encoder",)), ("decoder self-attention", ("decoder",)),
+                         ("cross-attention", ("cross",)), ("all three", SITES)):
+        fns[f"prefix {args.prefix_length}: {name}"] = run(C.random_prefix(config, args.prefix_length, chosen))
+    print(f"[sites] greedy, {len(fns)} rows, {args.sites_rounds} paired rounds", file=sys.stderr, flush=True)
+    timing = C.paired_rounds(fns, "stock, no prefix", args.sites_rounds)
+    rows, entry = [], {}
+    for name, t in timing.items():
+        if name == "stock, no prefix":
+            continue
+        # a round's ratio is mean(stock before, stock after) / run, so run - that mean = run * (1 - ratio)
+        extra = [run * (1 - ratio) for run, ratio in zip(t["cpu_s"], t["ratios_cpu"])]
+        entry[name] = {**t, "extra_cpu_s": extra, "extra_cpu_s_median": statistics.median(extra)}
+        rows.append([name, C.fmt(t["ratio_cpu"], 3), C.spread(t), f"{1000 * statistics.median(extra):+.0f}",
+                     f"{1000 * min(extra):+.0f} .. {1000 * max(extra):+.0f}"])
+    one_site = [n for n in entry if not n.endswith("all three")]
+    total = sum(entry[n]["extra_cpu_s_median"] for n in one_site)
+    rows.append(["sum of the three single-site rows", "-", "-", f"{1000 * total:+.0f}", "-"])
+    results["sites"] = entry
+    print(f"\nWhere the greedy gap sits: the prefix ({args.prefix_length} tokens) on one site at a time; batch "
+          f"{args.batch}, source {args.source}, {args.new_tokens} new tokens, {args.sites_rounds} bracketed rounds, "
+          f"{C.dims_note(config)}; extra = row CPU s - mean(stock before, stock after), per call")
+    print(C.table(["prefix on", "speed vs stock", "min-max", "extra ms (median)", "extra ms min .. max"], rows))
+
+
 def profile(args, model, config, results):
     """Where the time of a prefix goes: per-operator CPU time, stock vs patched (+prefix), same generate().
 
@@ -330,7 +374,8 @@ def profile(args, model, config, results):
 
 def main() -> int:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["all", "main", "overhead", "sweep", "profile"], default="all")
+    p.add_argument("--part", choices=["all", "main", "overhead", "sweep", "profile", "sites"], default="all")
+    p.add_argument("--sites-rounds", type=int, default=None, help="rounds of --part sites (default 6; --quick 1)")
     p.add_argument("--overhead-rounds", type=int, default=None, help="rounds of the overhead part (default 20; --quick 1)")
     p.add_argument("--rounds", type=int, default=None, help="bracketed rounds (default 4; --quick 1)")
     p.add_argument("--naive-rounds", type=int, default=None, help="rounds of the slow naive row, greedy (default 2)")
@@ -359,7 +404,7 @@ def main() -> int:
         return 2
     quick = args.quick
     if args.model == "marian":
-        if args.part not in ("all", "main"):
+        if args.part not in ("all", "main"):  # (sites: BART only)
             p.error("--model marian runs the main table only (--part main)")
         args.part, args.no_peft = "main", True
     args.batch = args.batch or (2 if args.model == "marian" else 4)
@@ -368,6 +413,7 @@ def main() -> int:
     args.naive_rounds_beam = args.naive_rounds_beam if args.naive_rounds_beam is not None else 1
     args.sweep_rounds = args.sweep_rounds or (1 if quick else 3)
     args.overhead_rounds = args.overhead_rounds or (1 if quick else 20)
+    args.sites_rounds = args.sites_rounds or (1 if quick else 6)
     args.source = args.source or (64 if quick else 128 if args.model == "marian" else 512)
     args.new_tokens = args.new_tokens or (8 if quick else 64)
     args.lengths = args.lengths or ([32] if quick else [64, 128, 256, 512, 1024])
@@ -389,6 +435,8 @@ def main() -> int:
         overhead(args, results)
     if args.part in ("all", "sweep"):
         sweep(args, model, config, results)
+    if args.part == "sites":
+        sites(args, model, config, results)
     if args.profile or args.part == "profile":
         profile(args, model, config, results)
     results["wall_s"] = C.time.perf_counter() - started

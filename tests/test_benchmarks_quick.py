@@ -96,3 +96,13 @@ def test_plots_from_quick_results(runs, tmp_path):
     drawn = sorted(p.name for p in tmp_path.glob("*.png"))
     assert drawn == sorted(["generate_speed.png", "generate_sweep.png", "learning_curves.png", "train_step.png",
                             "memory.png"]), drawn
+
+
+def test_sites_quick(tmp_path):
+    done = _run("bench_generate.py", tmp_path / "generate_sites.json", "--part", "sites")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for row in ("| prefix 20: encoder", "| prefix 20: decoder self-attention", "| prefix 20: cross-attention",
+                "| prefix 20: all three", "| sum of the three single-site rows"):
+        assert row in done.stdout, done.stdout
+    sites = json.loads((tmp_path / "generate_sites.json").read_text())["sites"]
+    assert len(sites) == 4 and all(len(entry["extra_cpu_s"]) == 1 for entry in sites.values())
