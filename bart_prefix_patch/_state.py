@@ -136,7 +136,7 @@ class PrefixState:
         """
         memo = (id(module), runtime_batch)
         # Outside torch.compile every result is kept for the rest of the call (kv_for runs in every
-        # layer on every decoding step); traced code keeps only the copies, as it always did.
+        # layer on every decoding step); traced code keeps only the repeat_interleave copies.
         eager = not torch.compiler.is_compiling()
         if eager:
             found = self._expanded.get(memo)
@@ -163,12 +163,15 @@ class PrefixState:
                     f"prefix batch {prefix_batch} does not fit the runtime batch {runtime_batch} "
                     f"(expected 1 or one of {allowed})"
                 )
-            found = self._expanded.get(memo)
-            if found is None:
+            expanded = self._expanded.get(memo)
+            if expanded is None:
                 if visible is not None:
                     visible = visible.repeat_interleave(factor, dim=0)
-                found = PrefixKV(key.repeat_interleave(factor, dim=0), value.repeat_interleave(factor, dim=0), visible)
-                self._expanded[memo] = found
+                expanded = PrefixKV(
+                    key.repeat_interleave(factor, dim=0), value.repeat_interleave(factor, dim=0), visible
+                )
+                self._expanded[memo] = expanded
+            return expanded
         if eager:
             self._expanded[memo] = found
         return found

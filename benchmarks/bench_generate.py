@@ -299,7 +299,8 @@ def sites(args, model, config, results):
     def run(prefix=None, context=None):
         def call(**kwargs):
             with torch.no_grad():
-                return model.generate(ids, generation_config=gc, **({"prefix": prefix} if prefix is not None else {}), **kwargs)
+                extra = {} if prefix is None else {"prefix": prefix}
+                return model.generate(ids, generation_config=gc, **extra, **kwargs)
         return C.Variant(call, context)
 
     fns = {"stock, no prefix": run(context=C.stock)}

@@ -120,8 +120,8 @@ def prefixed_keys_values(
     if layer is not None and not layer.is_initialized:
         # A layer's first call: the stock update on zero tokens initialises it as upstream would.
         update(curr_cache, key_states[:, :, :0], value_states[:, :, :0], is_cross_attention)
-    held = -1 if layer is None or layer.keys.dim() != 4 else layer.keys.shape[2]
-    if held == 0 or (held > 0 and not is_cross_attention):
+    held = -1 if layer is None or layer.keys.dim() != 4 else layer.keys.shape[2]  # tokens held; -1: stock update
+    if held == 0 or (held > 0 and not is_cross_attention):  # cross-attention joins into an empty layer only
         # DIFF (speed): a plain dynamic layer. What DynamicLayer.update and the
         # prefix join would do in two concatenations (each copying every
         # cached key) is done in one: [prefix ; cached ; new] for decoder
