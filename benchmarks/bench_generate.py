@@ -7,6 +7,7 @@
     python benchmarks/bench_generate.py --part overhead  # only the patch's per-call overhead
     python benchmarks/bench_generate.py --part profile   # per-operator profile, stock vs prefix (beam 4)
     python benchmarks/bench_generate.py --part sites     # greedy, the prefix on one site at a time
+    python benchmarks/bench_generate.py --part halves    # the encoder alone, then greedy decoding alone
     python benchmarks/bench_generate.py --malloc steady  # glibc malloc thresholds pinned (see _common.steady_malloc)
     python benchmarks/bench_generate.py --model marian   # the main table at Marian translation dims (see MARIAN)
 
@@ -328,6 +329,51 @@ def sites(args, model, config, results):
     print(C.table(["prefix on", "speed vs stock", "min-max", "extra ms (median)", "extra ms min .. max"], rows))
 
 
+def halves(args, model, config, results):
+    """The greedy gap split in two: the encoder alone, and decoding alone from a fixed encoder output.
+
+    Each half is timed stock vs prefixed in bracketed rounds (:func:`_common.paired_rounds`):
+    ``model.get_encoder()(ids)`` with the prefix's encoder site, and ``generate()`` given
+    ``encoder_outputs`` with its decoder and cross-attention sites.
+    """
+    from transformers.modeling_outputs import BaseModelOutput
+
+    ids = C.source_ids(config, args.batch, args.source)
+    mask = torch.ones_like(ids)
+    gc = generation_config(1, args.new_tokens)
+    encoder = model.get_encoder()
+    with torch.no_grad():
+        hidden = encoder(input_ids=ids).last_hidden_state
+
+    def encode(prefix=None):
+        with torch.no_grad():
+            return encoder(input_ids=ids) if prefix is None else encoder(input_ids=ids, prefix=prefix)
+
+    def decode(prefix=None):
+        extra = {} if prefix is None else {"prefix": prefix}
+        with torch.no_grad():
+            return model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
+                                  generation_config=gc, **extra)
+
+    parts = {"encoder alone": (encode, ("encoder",)), "decoding alone": (decode, ("decoder", "cross"))}
+    rows, entry = [], {}
+    for name, (fn, chosen) in parts.items():
+        prefix = C.random_prefix(config, args.prefix_length, chosen)
+        fns = {"stock": C.Variant(fn, C.stock), "prefixed": C.Variant(lambda fn=fn, prefix=prefix: fn(prefix))}
+        print(f"[halves] {name}: {args.halves_rounds} paired rounds", file=sys.stderr, flush=True)
+        t = C.paired_rounds(fns, "stock", args.halves_rounds)["prefixed"]
+        extra = [run * (1 - ratio) for run, ratio in zip(t["cpu_s"], t["ratios_cpu"])]
+        entry[name] = {**t, "sites": list(chosen), "extra_cpu_s": extra}
+        rows.append([name, "+".join(chosen), C.fmt(t["ratio_cpu"], 3), C.spread(t),
+                     f"{statistics.median(t['cpu_s']):.2f}", f"{1000 * statistics.median(extra):+.0f}"])
+    results["halves"] = entry
+    print(f"\nThe greedy gap in two halves: prefixed vs stock, prefix {args.prefix_length}; batch {args.batch}, "
+          f"source {args.source}, {args.new_tokens} new tokens, {args.halves_rounds} bracketed rounds, "
+          f"{C.dims_note(config)}; extra = prefixed CPU s - mean(stock before, stock after), per call")
+    print(C.table(["half", "prefix on", "speed vs stock", "min-max", "prefixed CPU s (median)", "extra ms (median)"],
+                  rows))
+
+
 def profile(args, model, config, results):
     """Where the time of a prefix goes: per-operator CPU time, stock vs patched (+prefix), same generate().
 
@@ -375,8 +421,10 @@ def profile(args, model, config, results):
 
 def main() -> int:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["all", "main", "overhead", "sweep", "profile", "sites"], default="all")
+    p.add_argument("--part", choices=["all", "main", "overhead", "sweep", "profile", "sites", "halves"],
+                   default="all")
     p.add_argument("--sites-rounds", type=int, default=None, help="rounds of --part sites (default 6; --quick 1)")
+    p.add_argument("--halves-rounds", type=int, default=None, help="rounds of --part halves (default 12; --quick 1)")
     p.add_argument("--overhead-rounds", type=int, default=None, help="rounds of the overhead part (default 20; --quick 1)")
     p.add_argument("--rounds", type=int, default=None, help="bracketed rounds (default 4; --quick 1)")
     p.add_argument("--naive-rounds", type=int, default=None, help="rounds of the slow naive row, greedy (default 2)")
@@ -415,6 +463,7 @@ def main() -> int:
     args.sweep_rounds = args.sweep_rounds or (1 if quick else 3)
     args.overhead_rounds = args.overhead_rounds or (1 if quick else 20)
     args.sites_rounds = args.sites_rounds or (1 if quick else 6)
+    args.halves_rounds = args.halves_rounds or (1 if quick else 12)
     args.source = args.source or (64 if quick else 128 if args.model == "marian" else 512)
     args.new_tokens = args.new_tokens or (8 if quick else 64)
     args.lengths = args.lengths or ([32] if quick else [64, 128, 256, 512, 1024])
@@ -438,6 +487,8 @@ def main() -> int:
         sweep(args, model, config, results)
     if args.part == "sites":
         sites(args, model, config, results)
+    if args.part == "halves":
+        halves(args, model, config, results)
     if args.profile or args.part == "profile":
         profile(args, model, config, results)
     results["wall_s"] = C.time.perf_counter() - started

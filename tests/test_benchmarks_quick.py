@@ -106,3 +106,11 @@ def test_sites_quick(tmp_path):
         assert row in done.stdout, done.stdout
     sites = json.loads((tmp_path / "generate_sites.json").read_text())["sites"]
     assert len(sites) == 4 and all(len(entry["extra_cpu_s"]) == 1 for entry in sites.values())
+
+
+def test_halves_quick(tmp_path):
+    done = _run("bench_generate.py", tmp_path / "generate_halves.json", "--part", "halves")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| encoder alone  | encoder" in done.stdout and "| decoding alone | decoder+cross" in done.stdout, done.stdout
+    halves = json.loads((tmp_path / "generate_halves.json").read_text())["halves"]
+    assert sorted(halves) == ["decoding alone", "encoder alone"]
