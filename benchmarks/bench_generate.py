@@ -285,6 +285,15 @@ def sweep(args, model, config, results):
                    "naive tok/s", "ratio"], rows))
 
 
+def _extra_seconds(timing: dict) -> list[float]:
+    """Per round, a row's CPU seconds minus the mean of the stock runs around it.
+
+    A round's ratio is ``mean(stock before, stock after) / run``, so that
+    difference is ``run * (1 - ratio)``.
+    """
+    return [run * (1 - ratio) for run, ratio in zip(timing["cpu_s"], timing["ratios_cpu"])]
+
+
 def sites(args, model, config, results):
     """Where a prefix's cost sits: greedy ``generate()`` with the prefix on one site at a time.
 
@@ -314,8 +323,7 @@ def sites(args, model, config, results):
     for name, t in timing.items():
         if name == "stock, no prefix":
             continue
-        # a round's ratio is mean(stock before, stock after) / run, so run - that mean = run * (1 - ratio)
-        extra = [run * (1 - ratio) for run, ratio in zip(t["cpu_s"], t["ratios_cpu"])]
+        extra = _extra_seconds(t)
         entry[name] = {**t, "extra_cpu_s": extra, "extra_cpu_s_median": statistics.median(extra)}
         rows.append([name, C.fmt(t["ratio_cpu"], 3), C.spread(t), f"{1000 * statistics.median(extra):+.0f}",
                      f"{1000 * min(extra):+.0f} .. {1000 * max(extra):+.0f}"])
@@ -362,7 +370,7 @@ def halves(args, model, config, results):
         fns = {"stock": C.Variant(fn, C.stock), "prefixed": C.Variant(lambda fn=fn, prefix=prefix: fn(prefix))}
         print(f"[halves] {name}: {args.halves_rounds} paired rounds", file=sys.stderr, flush=True)
         t = C.paired_rounds(fns, "stock", args.halves_rounds)["prefixed"]
-        extra = [run * (1 - ratio) for run, ratio in zip(t["cpu_s"], t["ratios_cpu"])]
+        extra = _extra_seconds(t)
         entry[name] = {**t, "sites": list(chosen), "extra_cpu_s": extra}
         rows.append([name, "+".join(chosen), C.fmt(t["ratio_cpu"], 3), C.spread(t),
                      f"{statistics.median(t['cpu_s']):.2f}", f"{1000 * statistics.median(extra):+.0f}"])
@@ -453,7 +461,7 @@ def main() -> int:
         return 2
     quick = args.quick
     if args.model == "marian":
-        if args.part not in ("all", "main"):  # (sites: BART only)
+        if args.part not in ("all", "main"):
             p.error("--model marian runs the main table only (--part main)")
         args.part, args.no_peft = "main", True
     args.batch = args.batch or (2 if args.model == "marian" else 4)
