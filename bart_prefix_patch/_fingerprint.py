@@ -76,6 +76,11 @@ def fingerprint_source(source: str, qualname: str) -> str:
     return _digest(node)
 
 
+#: id(code object) -> (that code object, its fingerprint): an ``apply()`` after ``revert()`` hashes the
+#: same restored upstream functions again, and parsing their source is most of its time.
+_BY_CODE: dict[int, tuple[Any, str]] = {}
+
+
 def fingerprint_object(obj: Any) -> str:
     """Hash a live function the same way :func:`fingerprint_source` hashes text.
 
@@ -83,9 +88,22 @@ def fingerprint_object(obj: Any) -> str:
     (another monkey-patch) is noticed even though the file on disk is intact.
     Wrappers that keep ``__wrapped__`` (functools.wraps, wrapt) are unwrapped
     to the function they decorate, whose source includes its decorators.
+    A function whose code object was hashed before gets that hash again.
     """
+    function = inspect.unwrap(obj)
+    code = getattr(function, "__code__", None)
+    known = _BY_CODE.get(id(code)) if code is not None else None
+    if known is not None and known[0] is code:
+        return known[1]
+    digest = _fingerprint_function(function)
+    if code is not None:
+        _BY_CODE[id(code)] = (code, digest)
+    return digest
+
+
+def _fingerprint_function(function: Any) -> str:
     try:
-        source = textwrap.dedent(inspect.getsource(inspect.unwrap(obj)))
+        source = textwrap.dedent(inspect.getsource(function))
         tree = ast.parse(source)
     except (OSError, TypeError, SyntaxError):
         return _MISSING

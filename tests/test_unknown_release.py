@@ -254,3 +254,29 @@ def test_gate_says_table_for_a_known_release():
 def test_invalid_unknown_value_raises():
     with pytest.raises(ValueError):
         bpp.apply(unknown="maybe")
+
+
+def _plus_one(x):
+    return x + 1
+
+
+def _minus_one(x):
+    return x - 1
+
+
+def test_a_fingerprint_is_kept_per_code_object_so_a_replaced_function_is_hashed_afresh():
+    """apply() after revert() reuses the hashes of the restored originals, never a stale one."""
+    from bart_prefix_patch._fingerprint import fingerprint_object, fingerprint_source
+
+    with open(__file__, encoding="utf-8") as handle:
+        source = handle.read()
+    plus, minus = fingerprint_source(source, "_plus_one"), fingerprint_source(source, "_minus_one")
+    assert plus != minus
+
+    def function(x):
+        return x
+
+    function.__code__ = _plus_one.__code__
+    assert fingerprint_object(function) == fingerprint_object(function) == plus
+    function.__code__ = _minus_one.__code__  # replaced in place: same function object, new code
+    assert fingerprint_object(function) == minus
