@@ -277,8 +277,12 @@ def run_whole(before: int, instance: Any, state: PrefixState, wrapped: Callable,
     return result
 
 
-def _enter(instance: Any, args: tuple, kwargs: dict, what: str) -> tuple[int, tuple, Optional[Prefix], Any]:
-    """What every entry guard reads first: the revert count, the call's prefix, the attachment.
+def _enter(instance: Any, args: tuple, kwargs: dict, what: str) -> tuple[int, bool, tuple, Optional[Prefix], Any]:
+    """What every entry guard reads first: the revert count, the patch state, the call's prefix, the attachment.
+
+    The patch state is read once, here: a guard that read it again could see a
+    ``revert()`` that ran in between and hand a prefixed call to stock code
+    without its prefix (after the count check of :func:`run_whole` was skipped).
 
     Raises:
         PatchNotAppliedError: A prefix (given or attached) while the patch is not applied.
@@ -286,15 +290,16 @@ def _enter(instance: Any, args: tuple, kwargs: dict, what: str) -> tuple[int, tu
     before = reverts()  # read before the patch state (see run_whole)
     args, prefix = _take_prefix(args, kwargs)
     attachment = attachment_of(instance)
-    if not is_applied() and (prefix is not None or attachment is not None):
+    applied = is_applied()
+    if not applied and (prefix is not None or attachment is not None):
         raise PatchNotAppliedError(f"a prefix was given to {type(instance).__name__}{what}: {status_line()}")
-    return before, args, prefix, attachment
+    return before, applied, args, prefix, attachment
 
 
 def entry_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Entry guard of ``forward``: resolve and publish the call's prefix."""
-    before, args, prefix, attachment = _enter(instance, args, kwargs, "")
-    if not is_applied():
+    before, applied, args, prefix, attachment = _enter(instance, args, kwargs, "")
+    if not applied:
         return wrapped(*args, **kwargs)
     state, resolved_here = _forward_state(instance, wrapped, args, kwargs, prefix, attachment)
     if not resolved_here:  # no prefix, or nested in a call that already resolved it
@@ -325,8 +330,8 @@ def _forward_state(
 
 def entry_generate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Entry guard of ``generate``: one prefix computation per call, expanded to beams and returned sequences."""
-    before, args, prefix, attachment = _enter(instance, args, kwargs, ".generate()")
-    if not is_applied():
+    before, applied, args, prefix, attachment = _enter(instance, args, kwargs, ".generate()")
+    if not applied:
         return wrapped(*args, **kwargs)
     source = prefix if prefix is not None else (attachment.source if attachment else None)
     if source is None:
@@ -397,7 +402,9 @@ def _traced_state(original: Callable, instance: Any, args: tuple, kwargs: dict):
     if not is_applied():
         return None
     kwargs = dict(kwargs)
-    _, args, prefix, attachment = _enter(instance, args, kwargs, "")
+    _, applied, args, prefix, attachment = _enter(instance, args, kwargs, "")
+    if not applied:
+        return None
     if _checkpoints(instance, attachment):
         return None
     # A nested call's state (e.g. a step of an eager generate() calling a compiled forward) is

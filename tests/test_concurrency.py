@@ -22,7 +22,7 @@ from reference import reference_greedy, reference_logits, tiny_model
 from transformers.models.bart import modeling_bart
 
 import bart_prefix_patch as bpp
-from bart_prefix_patch import _registry
+from bart_prefix_patch import _guards, _registry
 from bart_prefix_patch._state import active_state
 
 NEW = 4
@@ -216,6 +216,75 @@ def test_revert_during_generate_raises_instead_of_a_mixed_result():
         handle.remove()
         bpp.apply()
         bpp.detach(model)
+
+
+class _RevertAtLine:
+    """A ``sys.settrace`` tracer that runs ``bpp.revert()`` before the nth line executed in the entry guards' module.
+
+    With ``nth=0`` it only counts the lines. Frames of other files are not traced line by line.
+    """
+
+    def __init__(self, nth: int):
+        self.nth, self.lines = nth, 0
+
+    def __call__(self, frame, event, arg):
+        return self._line if frame.f_code.co_filename == _guards.__file__ else None
+
+    def _line(self, frame, event, arg):
+        if event == "line":
+            self.lines += 1
+            if self.lines == self.nth:
+                bpp.revert()
+        return self._line
+
+
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_revert_before_any_line_of_the_entry_guards_never_returns_a_result_without_the_prefix(call):
+    """Every interleaving, at line granularity, of one revert() with a prefixed call's entry guards.
+
+    The thread race above meets each point only by chance (a revert between the guard's two reads
+    of the patch state once let a greedy generate() run stock code without its prefix); here the
+    revert lands before each line the guards execute, one call per line.
+    """
+    model = tiny_model(seed=0, attn_implementation="sdpa")
+    ids, mask = source_batch(model.config, pad_last=1)
+    dec = target_batch(model.config)
+    prefix = make_prefix(model.config, scale=2.0)
+    new = 2
+    if call == "forward":
+        want = reference_logits(model, ids, dec, attention_mask=mask, prefix=prefix)
+
+        def run_and_check():
+            got = model(ids, attention_mask=mask, decoder_input_ids=dec, prefix=prefix).logits
+            torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=ATOL)
+    else:
+        want_tokens = reference_greedy(model, ids, new, attention_mask=mask, prefix=prefix).tolist()
+
+        def run_and_check():
+            tokens = model.generate(ids, attention_mask=mask, prefix=prefix, max_new_tokens=new, num_beams=1,
+                                    do_sample=False)
+            assert tokens.tolist() == want_tokens
+
+    def traced(tracer):
+        sys.settrace(tracer)
+        try:
+            run_and_check()
+        finally:
+            sys.settrace(None)
+            bpp.apply()
+
+    counter = _RevertAtLine(0)
+    traced(counter)  # no revert: the whole result, and the number of guard lines
+    assert counter.lines > 10
+    refused = 0
+    for nth in range(1, counter.lines + 1):
+        try:
+            traced(_RevertAtLine(nth))
+        except bpp.PatchNotAppliedError:
+            refused += 1
+    # A revert before the guard's last lines (after its final check) leaves a whole result.
+    assert 0 < refused < counter.lines
+    _assert_consistently_applied()
 
 
 def test_calls_in_flight_while_another_thread_reverts(fast_switching):
