@@ -208,7 +208,8 @@ def test_eager_equals_sdpa_for_stacked():
     dec = target_batch(eager.config, batch=4)
     a = eager(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, prefix=bpp.Prefix.stack(entries)).logits
     b = sdpa(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, prefix=bpp.Prefix.stack(entries)).logits
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # float32 kernels differ by CPU (1.2e-5 at |logit| 0.4 on an AVX-512 EPYC); a wrong mask is off by far more.
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_attached_stacked_prefix_and_output_attentions(model):
