@@ -25,8 +25,8 @@ def _in_dtype_of(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
 
 
 def concat_prefix(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """``[prefix ; states]`` along the sequence axis, in the states' dtype (autocast)."""
-    return torch.cat([_in_dtype_of(prefix, states), states], dim=2)
+    """``[prefix ; states]`` along the sequence axis, in the states' dtype: :func:`join_cached` with nothing cached."""
+    return join_cached(prefix, None, states)
 
 
 def require_growable_cache(layer_cache, layer_idx: int) -> None:
