@@ -395,13 +395,13 @@ def carried(wrapper: Callable) -> Callable:
 def _traced_state(original: Callable, instance: Any, args: tuple, kwargs: dict):
     """What :func:`entry_forward` resolves, returned instead of published: ``(args, kwargs, state)``.
 
-    ``None`` when the call must run eagerly: the patch is not applied (the
-    eager guard raises), or a stack checkpoints its layers (recomputation
-    reads the state from the ContextVar).
+    ``None`` when the call must run eagerly: the patch is not applied (a
+    prefixed call raises ``PatchNotAppliedError`` here, as the eager guard
+    would), or a stack checkpoints its layers (recomputation reads the state
+    from the ContextVar).
     """
-    if not is_applied():
-        return None
     kwargs = dict(kwargs)
+    # _enter raises for a prefix while the patch is not applied, as the eager guard would.
     _, applied, args, prefix, attachment = _enter(instance, args, kwargs, "")
     if not applied:
         return None
