@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -19,6 +21,18 @@ def _patch_applied():
     torch.manual_seed(0)
     yield
     bpp.apply(strict=True)
+
+
+def fresh_dynamo() -> None:
+    """``torch._dynamo.reset()`` after collecting garbage, before a test compiles in this process.
+
+    A model an earlier test attached a prefix to and left in a reference cycle is finalized
+    whenever the collector runs, possibly while dynamo traces the next test's model: the
+    finalizer flips ``_attach._ANY_ATTACHED``, which the entry guard's graph is guarded on, and
+    dynamo fails with "Guard failed on the same frame it was created" (seen once in CI).
+    """
+    gc.collect()
+    torch._dynamo.reset()
 
 
 def make_prefix(config, **kwargs) -> bpp.Prefix:

@@ -62,11 +62,10 @@ def test_forward_without_prefix_has_stock_graph_breaks():
 
 def test_attach_after_compile_reaches_the_compiled_model():
     """A graph compiled before attach() must not keep running without the prefix."""
-    import torch._dynamo
-    from conftest import make_prefix
+    from conftest import fresh_dynamo, make_prefix
     from reference import reference_logits, tiny_model
 
-    torch._dynamo.reset()
+    fresh_dynamo()
     model = tiny_model(seed=0, attn_implementation="sdpa")
     ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     dec = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(2))

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._dynamo
-from conftest import source_batch
+from conftest import fresh_dynamo, source_batch
 from models import MODELS, available, decoder_vocab_size, tiny_family_model
 from reference import random_prefix, reference_logits
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -31,7 +30,7 @@ def test_every_relative_compiles_its_prefix(model_type):
     vocab = decoder_vocab_size(model.config)
     ids, mask = source_batch(model.config, pad_last=1)
     dec = torch.randint(3, vocab, (2, 5), generator=torch.Generator().manual_seed(2))
-    torch._dynamo.reset()
+    fresh_dynamo()
     counter = CompileCounterWithBackend("eager")
     got = torch.compile(model, backend=counter)(ids, attention_mask=mask, decoder_input_ids=dec, prefix=prefix).logits
     want = reference_logits(model, ids, dec, attention_mask=mask, prefix=prefix)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from conftest import make_prefix, source_batch, target_batch
+from conftest import fresh_dynamo, make_prefix, source_batch, target_batch
 from reference import _decode, _encode, _extract_weights, reference_greedy, reference_logits, tiny_model
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
@@ -31,7 +31,7 @@ TRACED = _state.traceable(BartForConditionalGeneration)
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    torch._dynamo.reset()
+    fresh_dynamo()
     yield
     torch._dynamo.reset()
 

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_prefix, source_batch, target_batch
+from conftest import fresh_dynamo, make_prefix, source_batch, target_batch
 from reference import tiny_model
 from transformers.models.bart import modeling_bart
 
@@ -191,11 +191,9 @@ def test_gate_reports_family():
 
 def test_torch_compile_with_and_without_prefix():
     """Without a prefix a compiled model is stock; a prefixed call runs eagerly and stays correct."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
     from reference import tiny_model
 
+    fresh_dynamo()
     model = tiny_model(seed=0, attn_implementation="sdpa")
     prefix = make_prefix(model.config)
     eager_plain, eager_prefixed = _logits(model), _logits(model, prefix=prefix)
