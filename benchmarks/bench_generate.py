@@ -8,6 +8,7 @@
     python benchmarks/bench_generate.py --part profile   # per-operator profile, stock vs prefix (beam 4)
     python benchmarks/bench_generate.py --part sites     # greedy, the prefix on one site at a time
     python benchmarks/bench_generate.py --part halves    # the encoder alone, then greedy decoding alone
+    python benchmarks/bench_generate.py --part prefix-lengths  # greedy decoding alone, prefix 1 / 20 / 80
     python benchmarks/bench_generate.py --malloc steady  # glibc malloc thresholds pinned (see _common.steady_malloc)
     python benchmarks/bench_generate.py --model marian   # the main table at Marian translation dims (see MARIAN)
 
@@ -337,13 +338,8 @@ def sites(args, model, config, results):
     print(C.table(["prefix on", "speed vs stock", "min-max", "extra ms (median)", "extra ms min .. max"], rows))
 
 
-def halves(args, model, config, results):
-    """The greedy gap split in two: the encoder alone, and decoding alone from a fixed encoder output.
-
-    Each half is timed stock vs prefixed in bracketed rounds (:func:`_common.paired_rounds`):
-    ``model.get_encoder()(ids)`` with the prefix's encoder site, and ``generate()`` given
-    ``encoder_outputs`` with its decoder and cross-attention sites.
-    """
+def _decoding_alone(args, model, config):
+    """``(encode, decode)``: the encoder alone and greedy ``generate()`` from its fixed output (``prefix=`` optional)."""
     from transformers.modeling_outputs import BaseModelOutput
 
     ids = C.source_ids(config, args.batch, args.source)
@@ -363,6 +359,17 @@ def halves(args, model, config, results):
             return model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
                                   generation_config=gc, **extra)
 
+    return encode, decode
+
+
+def halves(args, model, config, results):
+    """The greedy gap split in two: the encoder alone, and decoding alone from a fixed encoder output.
+
+    Each half is timed stock vs prefixed in bracketed rounds (:func:`_common.paired_rounds`):
+    ``model.get_encoder()(ids)`` with the prefix's encoder site, and ``generate()`` given
+    ``encoder_outputs`` with its decoder and cross-attention sites.
+    """
+    encode, decode = _decoding_alone(args, model, config)
     parts = {"encoder alone": (encode, ("encoder",)), "decoding alone": (decode, ("decoder", "cross"))}
     rows, entry = [], {}
     for name, (fn, chosen) in parts.items():
@@ -380,6 +387,38 @@ def halves(args, model, config, results):
           f"{C.dims_note(config)}; extra = prefixed CPU s - mean(stock before, stock after), per call")
     print(C.table(["half", "prefix on", "speed vs stock", "min-max", "prefixed CPU s (median)", "extra ms (median)"],
                   rows))
+
+
+def prefix_lengths(args, model, config, results):
+    """Does the decoding gap grow with the prefix, or is it the cost of the prefixed path itself?
+
+    Greedy decoding alone (as in :func:`halves`), the prefix on decoder self- and
+    cross-attention at each of ``--prefix-lengths``, next to the patched model
+    without a prefix (an A/A control: upstream code), all bracketed against
+    stock in the same rounds. A path cost shows at length 1 already; the
+    prefix's own work (attention over its keys, its columns in each step's
+    self-attention join) grows with the length.
+    """
+    _, decode = _decoding_alone(args, model, config)
+    fns = {"stock": C.Variant(decode, C.stock), "patched, no prefix": C.Variant(decode)}
+    for length in args.prefix_lengths:
+        prefix = C.random_prefix(config, length, ("decoder", "cross"))
+        fns[f"prefix {length}"] = C.Variant(lambda prefix=prefix: decode(prefix))
+    print(f"[prefix-lengths] {args.lengths_rounds} paired rounds", file=sys.stderr, flush=True)
+    timing = C.paired_rounds(fns, "stock", args.lengths_rounds)
+    rows, entry = [], {}
+    for name, t in timing.items():
+        if name == "stock":
+            continue
+        extra = _extra_seconds(t)
+        entry[name] = {**t, "extra_cpu_s": extra}
+        rows.append([name, C.fmt(t["ratio_cpu"], 3), C.spread(t), C.fmt(t["ratio_cpu_best"], 3),
+                     f"{statistics.median(t['cpu_s']):.2f}", f"{1000 * statistics.median(extra):+.0f}"])
+    results["prefix_lengths"] = entry
+    print(f"\nGreedy decoding alone by prefix length (decoder self- and cross-attention), vs stock; batch {args.batch}, "
+          f"source {args.source}, {args.new_tokens} new tokens, {args.lengths_rounds} bracketed rounds, "
+          f"{C.dims_note(config)}; extra = row CPU s - mean(stock before, stock after), per call")
+    print(C.table(["row", "speed vs stock", "min-max", "fastest/fastest", "CPU s (median)", "extra ms (median)"], rows))
 
 
 def profile(args, model, config, results):
@@ -429,10 +468,14 @@ def profile(args, model, config, results):
 
 def main() -> int:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["all", "main", "overhead", "sweep", "profile", "sites", "halves"],
+    p.add_argument("--part", choices=["all", "main", "overhead", "sweep", "profile", "sites", "halves", "prefix-lengths"],
                    default="all")
     p.add_argument("--sites-rounds", type=int, default=None, help="rounds of --part sites (default 6; --quick 1)")
     p.add_argument("--halves-rounds", type=int, default=None, help="rounds of --part halves (default 12; --quick 1)")
+    p.add_argument("--lengths-rounds", type=int, default=None,
+                   help="rounds of --part prefix-lengths (default 12; --quick 1)")
+    p.add_argument("--prefix-lengths", type=int, nargs="+", default=[1, 20, 80],
+                   help="prefix lengths of --part prefix-lengths")
     p.add_argument("--overhead-rounds", type=int, default=None, help="rounds of the overhead part (default 20; --quick 1)")
     p.add_argument("--rounds", type=int, default=None, help="bracketed rounds (default 4; --quick 1)")
     p.add_argument("--naive-rounds", type=int, default=None, help="rounds of the slow naive row, greedy (default 2)")
@@ -472,6 +515,7 @@ def main() -> int:
     args.overhead_rounds = args.overhead_rounds or (1 if quick else 20)
     args.sites_rounds = args.sites_rounds or (1 if quick else 6)
     args.halves_rounds = args.halves_rounds or (1 if quick else 12)
+    args.lengths_rounds = args.lengths_rounds or (1 if quick else 12)
     args.source = args.source or (64 if quick else 128 if args.model == "marian" else 512)
     args.new_tokens = args.new_tokens or (8 if quick else 64)
     args.lengths = args.lengths or ([32] if quick else [64, 128, 256, 512, 1024])
@@ -497,11 +541,13 @@ def main() -> int:
         sites(args, model, config, results)
     if args.part == "halves":
         halves(args, model, config, results)
+    if args.part == "prefix-lengths":
+        prefix_lengths(args, model, config, results)
     if args.profile or args.part == "profile":
         profile(args, model, config, results)
     results["wall_s"] = C.time.perf_counter() - started
     print(f"\nwall time {results['wall_s']:.0f} s")
-    name = "generate" if args.part == "all" else f"generate_{args.part}"
+    name = "generate" if args.part == "all" else f"generate_{args.part.replace('-', '_')}"
     if args.model == "marian":
         name = "generate_marian"
     if args.malloc == "steady":

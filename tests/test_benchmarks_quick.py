@@ -114,3 +114,13 @@ def test_halves_quick(tmp_path):
     assert "| encoder alone  | encoder" in done.stdout and "| decoding alone | decoder+cross" in done.stdout, done.stdout
     halves = json.loads((tmp_path / "generate_halves.json").read_text())["halves"]
     assert sorted(halves) == ["decoding alone", "encoder alone"]
+
+
+def test_prefix_lengths_quick(tmp_path):
+    done = _run("bench_generate.py", tmp_path / "generate_prefix_lengths.json", "--part", "prefix-lengths")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for row in ("| patched, no prefix", "| prefix 1 ", "| prefix 20 ", "| prefix 80 "):
+        assert row in done.stdout, done.stdout
+    rows = json.loads((tmp_path / "generate_prefix_lengths.json").read_text())["prefix_lengths"]
+    assert sorted(rows) == ["patched, no prefix", "prefix 1", "prefix 20", "prefix 80"]
+    assert all(len(entry["extra_cpu_s"]) == 1 for entry in rows.values())
