@@ -295,6 +295,11 @@ def _extra_seconds(timing: dict) -> list[float]:
     return [run * (1 - ratio) for run, ratio in zip(timing["cpu_s"], timing["ratios_cpu"])]
 
 
+def _against_baseline(timing: dict, baseline: str) -> list[tuple[str, dict, list[float]]]:
+    """``(row, its timing, its extra CPU seconds per round)`` for every row of ``timing`` but ``baseline``."""
+    return [(name, t, _extra_seconds(t)) for name, t in timing.items() if name != baseline]
+
+
 def sites(args, model, config, results):
     """Where a prefix's cost sits: greedy ``generate()`` with the prefix on one site at a time.
 
@@ -321,10 +326,7 @@ def sites(args, model, config, results):
     print(f"[sites] greedy, {len(fns)} rows, {args.sites_rounds} paired rounds", file=sys.stderr, flush=True)
     timing = C.paired_rounds(fns, "stock, no prefix", args.sites_rounds)
     rows, entry = [], {}
-    for name, t in timing.items():
-        if name == "stock, no prefix":
-            continue
-        extra = _extra_seconds(t)
+    for name, t, extra in _against_baseline(timing, "stock, no prefix"):
         entry[name] = {**t, "extra_cpu_s": extra, "extra_cpu_s_median": statistics.median(extra)}
         rows.append([name, C.fmt(t["ratio_cpu"], 3), C.spread(t), f"{1000 * statistics.median(extra):+.0f}",
                      f"{1000 * min(extra):+.0f} .. {1000 * max(extra):+.0f}"])
@@ -407,10 +409,7 @@ def prefix_lengths(args, model, config, results):
     print(f"[prefix-lengths] {args.lengths_rounds} paired rounds", file=sys.stderr, flush=True)
     timing = C.paired_rounds(fns, "stock", args.lengths_rounds)
     rows, entry = [], {}
-    for name, t in timing.items():
-        if name == "stock":
-            continue
-        extra = _extra_seconds(t)
+    for name, t, extra in _against_baseline(timing, "stock"):
         entry[name] = {**t, "extra_cpu_s": extra}
         rows.append([name, C.fmt(t["ratio_cpu"], 3), C.spread(t), C.fmt(t["ratio_cpu_best"], 3),
                      f"{statistics.median(t['cpu_s']):.2f}", f"{1000 * statistics.median(extra):+.0f}"])
