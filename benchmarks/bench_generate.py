@@ -399,13 +399,18 @@ def prefix_lengths(args, model, config, results):
     without a prefix (an A/A control: upstream code), all bracketed against
     stock in the same rounds. A path cost shows at length 1 already; the
     prefix's own work (attention over its keys, its columns in each step's
-    self-attention join) grows with the length.
+    self-attention join) grows with the length. ``--lengths-sites each``
+    times the two sites in separate rows.
     """
     _, decode = _decoding_alone(args, model, config)
     fns = {"stock": C.Variant(decode, C.stock), "patched, no prefix": C.Variant(decode)}
+    groups = {"": ("decoder", "cross")}
+    if args.lengths_sites == "each":
+        groups = {": decoder self-attention": ("decoder",), ": cross-attention": ("cross",)}
     for length in args.prefix_lengths:
-        prefix = C.random_prefix(config, length, ("decoder", "cross"))
-        fns[f"prefix {length}"] = C.Variant(lambda prefix=prefix: decode(prefix))
+        for label, chosen in groups.items():
+            prefix = C.random_prefix(config, length, chosen)
+            fns[f"prefix {length}{label}"] = C.Variant(lambda prefix=prefix: decode(prefix))
     print(f"[prefix-lengths] {args.lengths_rounds} paired rounds", file=sys.stderr, flush=True)
     timing = C.paired_rounds(fns, "stock", args.lengths_rounds)
     rows, entry = [], {}
@@ -414,7 +419,8 @@ def prefix_lengths(args, model, config, results):
         rows.append([name, C.fmt(t["ratio_cpu"], 3), C.spread(t), C.fmt(t["ratio_cpu_best"], 3),
                      f"{statistics.median(t['cpu_s']):.2f}", f"{1000 * statistics.median(extra):+.0f}"])
     results["prefix_lengths"] = entry
-    print(f"\nGreedy decoding alone by prefix length (decoder self- and cross-attention), vs stock; batch {args.batch}, "
+    where = "decoder self- and cross-attention" if args.lengths_sites == "both" else "one site at a time"
+    print(f"\nGreedy decoding alone by prefix length ({where}), vs stock; batch {args.batch}, "
           f"source {args.source}, {args.new_tokens} new tokens, {args.lengths_rounds} bracketed rounds, "
           f"{C.dims_note(config)}; extra = row CPU s - mean(stock before, stock after), per call")
     print(C.table(["row", "speed vs stock", "min-max", "fastest/fastest", "CPU s (median)", "extra ms (median)"], rows))
@@ -475,6 +481,9 @@ def main() -> int:
                    help="rounds of --part prefix-lengths (default 12; --quick 1)")
     p.add_argument("--prefix-lengths", type=int, nargs="+", default=[1, 20, 80],
                    help="prefix lengths of --part prefix-lengths")
+    p.add_argument("--lengths-sites", choices=["both", "each"], default="both",
+                   help="--part prefix-lengths: the prefix on decoder self- and cross-attention together "
+                        "(both), or a row per site (each)")
     p.add_argument("--overhead-rounds", type=int, default=None, help="rounds of the overhead part (default 20; --quick 1)")
     p.add_argument("--rounds", type=int, default=None, help="bracketed rounds (default 4; --quick 1)")
     p.add_argument("--naive-rounds", type=int, default=None, help="rounds of the slow naive row, greedy (default 2)")

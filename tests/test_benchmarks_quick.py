@@ -124,3 +124,11 @@ def test_prefix_lengths_quick(tmp_path):
     rows = json.loads((tmp_path / "generate_prefix_lengths.json").read_text())["prefix_lengths"]
     assert sorted(rows) == ["patched, no prefix", "prefix 1", "prefix 20", "prefix 80"]
     assert all(len(entry["extra_cpu_s"]) == 1 for entry in rows.values())
+
+
+def test_prefix_lengths_by_site_quick(tmp_path):
+    done = _run("bench_generate.py", tmp_path / "generate_prefix_lengths.json", "--part", "prefix-lengths",
+                "--lengths-sites", "each", "--prefix-lengths", "20")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "generate_prefix_lengths.json").read_text())["prefix_lengths"]
+    assert sorted(rows) == ["patched, no prefix", "prefix 20: cross-attention", "prefix 20: decoder self-attention"]
