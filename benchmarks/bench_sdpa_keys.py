@@ -21,6 +21,16 @@ steps): stock's one concatenation per step (``DynamicLayer.update``; the
 package's ``[prefix ; cache ; new]`` join is the same copy plus the prefix
 columns) against writing each step into a preallocated buffer, the remedy
 issue 14 suggested; section 8 puts the difference next to a generate()'s time.
+
+``--decode-step``: decoder self-attention over one greedy generate() with a
+``--prefix``-token batch-1 prefix (``--layers`` x ``--new-tokens`` one-query
+steps, the cache grown by one concatenation per step): stock (no prefix), the
+package's ``[prefix ; cache ; new]`` join followed by sdpa, and attention with
+the *scores* joined instead (``q Kp^T`` with the batch folded into the query
+rows, so the batch-1 prefix is never expanded, next to ``q Kc^T`` over stock's
+cache; one softmax; two products with the values). A 64 MB buffer is touched
+between steps in every row, as a model's weights evict the caches. Section 6
+("By prefix length") has the numbers.
 """
 
 from __future__ import annotations
@@ -45,6 +55,8 @@ def main() -> int:
                         help="kernel calls per timed run (default: 20 for the encoder shape, 400 for one query)")
     parser.add_argument("--cache-growth", action="store_true",
                         help="time the self-attention cache's growth over one generate() instead (see above)")
+    parser.add_argument("--decode-step", action="store_true",
+                        help="instead: decoder self-attention with a prefix, keys/values joined vs scores joined")
     parser.add_argument("--layers", type=int, default=6, help="--cache-growth: decoder layers")
     parser.add_argument("--new-tokens", type=int, default=64, help="--cache-growth: decoding steps")
     args = parser.parse_args()
@@ -53,6 +65,8 @@ def main() -> int:
         args.layers, args.new_tokens = 2, 8
     if args.cache_growth:
         return cache_growth(args)
+    if args.decode_step:
+        return decode_step(args)
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape):
@@ -121,6 +135,60 @@ def cache_growth(args) -> int:
     C.write_results("cache_growth", args, {"layers": args.layers, "new_tokens": args.new_tokens, "batch": args.batch,
                                            "heads": args.heads, "head_dim": args.head_dim, "timing": timing})
     return 0
+
+
+def decode_step(args) -> int:
+    """Self-attention of ``layers`` x ``new_tokens`` one-query steps: stock, keys/values joined, scores joined."""
+    gen = torch.Generator().manual_seed(0)
+    b, h, d, p = args.batch, args.heads, args.head_dim, args.prefix
+    prefix = (torch.randn(1, h, p, d, generator=gen), torch.randn(1, h, p, d, generator=gen))
+    steps = [[torch.randn(b, h, 1, d, generator=gen) for _ in range(3)] for _ in range(args.new_tokens)]
+    evict = torch.zeros((16 if args.quick else 64) * 2**20 // 4)
+
+    def grow(cache, key, value):
+        cache[0] = key if cache[0] is None else torch.cat([cache[0], key], dim=2)
+        cache[1] = value if cache[1] is None else torch.cat([cache[1], value], dim=2)
+
+    def decode(mode):
+        caches = [[None, None] for _ in range(args.layers)]
+        kp, vp = prefix[0].expand(b, -1, -1, -1), prefix[1].expand(b, -1, -1, -1)
+        out = []
+        for q, key, value in steps:
+            evict.add_(1.0)
+            for cache in caches:
+                if mode == "stock":
+                    grow(cache, key, value)
+                    o = F.scaled_dot_product_attention(q, *cache)
+                elif mode == "joined":
+                    joined = [torch.cat([kp, key] if cache[0] is None else [kp, cache[0], key], dim=2),
+                              torch.cat([vp, value] if cache[1] is None else [vp, cache[1], value], dim=2)]
+                    cache[0], cache[1] = joined[0][:, :, p:], joined[1][:, :, p:]
+                    o = F.scaled_dot_product_attention(q, *joined)
+                else:  # scores joined: (1, h, b, d) @ (1, h, d, p) -> (b, h, 1, p), no expanded prefix
+                    grow(cache, key, value)
+                    scores = torch.cat([(q.transpose(0, 2) @ prefix[0].transpose(-1, -2)).transpose(0, 2),
+                                        q @ cache[0].transpose(-1, -2)], dim=-1) * d ** -0.5
+                    weights = scores.softmax(-1)
+                    o = (weights[..., :p].transpose(0, 2) @ prefix[1]).transpose(0, 2) + weights[..., p:] @ cache[1]
+            out.append(o)
+        return out
+
+    same = all(torch.allclose(a, c, atol=1e-5, rtol=1e-5) for a, c in zip(decode("joined"), decode("scores")))
+    names = {"stock, no prefix": "stock", f"prefix {p}: keys/values joined": "joined",
+             f"prefix {p}: scores joined": "scores"}
+    timing = C.paired_rounds({name: (lambda mode=mode: decode(mode)) for name, mode in names.items()},
+                             "stock, no prefix", args.rounds)
+    stock_ms = 1e3 * statistics.median(timing["stock, no prefix"]["cpu_s"])
+    rows = [[name, C.fmt(1e3 * statistics.median(timing[name]["cpu_s"]), 1),
+             f"{1e3 * statistics.median(timing[name]['cpu_s']) - stock_ms:+.1f}"] for name in names]
+    print(f"decoder self-attention over one greedy generate() with a {p}-token batch-1 prefix: {args.layers} layers "
+          f"x {args.new_tokens} one-query steps, batch {b}, {h} heads of {d}, {args.rounds} bracketed rounds, 1 thread; "
+          f"scores joined == keys/values joined (atol 1e-5): {same}")
+    print(C.table(["self-attention", "ms per generate() (median)", "ms vs stock"], rows))
+    C.write_results("decode_step", args, {"prefix": p, "layers": args.layers, "new_tokens": args.new_tokens,
+                                          "batch": b, "heads": h, "head_dim": d, "same_output": same,
+                                          "timing": timing})
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -132,3 +132,12 @@ def test_prefix_lengths_by_site_quick(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "generate_prefix_lengths.json").read_text())["prefix_lengths"]
     assert sorted(rows) == ["patched, no prefix", "prefix 20: cross-attention", "prefix 20: decoder self-attention"]
+
+
+def test_decode_step_quick(tmp_path):
+    done = _run("bench_sdpa_keys.py", tmp_path / "decode_step.json", "--decode-step")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "scores joined == keys/values joined (atol 1e-5): True" in done.stdout, done.stdout
+    for row in ("| stock, no prefix", "| prefix 20: keys/values joined", "| prefix 20: scores joined"):
+        assert row in done.stdout, done.stdout
+    assert json.loads((tmp_path / "decode_step.json").read_text())["same_output"] is True
