@@ -28,9 +28,14 @@ steps, the cache grown by one concatenation per step): stock (no prefix), the
 package's ``[prefix ; cache ; new]`` join followed by sdpa, and attention with
 the *scores* joined instead (``q Kp^T`` with the batch folded into the query
 rows, so the batch-1 prefix is never expanded, next to ``q Kc^T`` over stock's
-cache; one softmax; two products with the values). A 64 MB buffer is touched
-between steps in every row, as a model's weights evict the caches. Section 6
-("By prefix length") has the numbers.
+cache; one softmax; two products with the values: the package's
+``split_attention``, which decoding steps run since). A 64 MB buffer is
+touched between steps in every row, as a model's weights evict the caches.
+A second table does the same for cross-attention over the last of
+``--sources`` encoder keys: stock's sdpa, sdpa over the cached
+``[prefix ; encoder]`` keys, and the package's ``plain_attention`` (eager
+math) over them. Section 6 ("By prefix length", "Decoding steps without the
+prefix copy") has the numbers.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+
+from bart_prefix_patch._state import PrefixKV
+from bart_prefix_patch.forks._common import plain_attention, split_attention
 
 
 def main() -> int:
@@ -164,12 +172,9 @@ def decode_step(args) -> int:
                               torch.cat([vp, value] if cache[1] is None else [vp, cache[1], value], dim=2)]
                     cache[0], cache[1] = joined[0][:, :, p:], joined[1][:, :, p:]
                     o = F.scaled_dot_product_attention(q, *joined)
-                else:  # scores joined: (1, h, b, d) @ (1, h, d, p) -> (b, h, 1, p), no expanded prefix
+                else:  # scores joined: the package's split_attention, the prefix expanded as kv_for does
                     grow(cache, key, value)
-                    scores = torch.cat([(q.transpose(0, 2) @ prefix[0].transpose(-1, -2)).transpose(0, 2),
-                                        q @ cache[0].transpose(-1, -2)], dim=-1) * d ** -0.5
-                    weights = scores.softmax(-1)
-                    o = (weights[..., :p].transpose(0, 2) @ prefix[1]).transpose(0, 2) + weights[..., p:] @ cache[1]
+                    o = split_attention(q, cache[0], cache[1], PrefixKV(kp, vp), None, d ** -0.5)[0]
             out.append(o)
         return out
 
@@ -185,10 +190,51 @@ def decode_step(args) -> int:
           f"x {args.new_tokens} one-query steps, batch {b}, {h} heads of {d}, {args.rounds} bracketed rounds, 1 thread; "
           f"scores joined == keys/values joined (atol 1e-5): {same}")
     print(C.table(["self-attention", "ms per generate() (median)", "ms vs stock"], rows))
+    cross, cross_same = _decode_step_cross(args, prefix, evict)
     C.write_results("decode_step", args, {"prefix": p, "layers": args.layers, "new_tokens": args.new_tokens,
                                           "batch": b, "heads": h, "head_dim": d, "same_output": same,
-                                          "timing": timing})
-    return 0 if same else 1
+                                          "timing": timing, "cross": cross, "cross_same_output": cross_same})
+    return 0 if same and cross_same else 1
+
+
+def _decode_step_cross(args, prefix, evict):
+    """Cross-attention of ``layers`` x ``new_tokens`` one-query steps.
+
+    Stock sdpa over the encoder keys, then sdpa and plain matmuls over ``[prefix ; encoder]``.
+    """
+    gen = torch.Generator().manual_seed(1)
+    b, h, d, p, source = args.batch, args.heads, args.head_dim, args.prefix, args.sources[-1]
+    queries = [torch.randn(b, h, 1, d, generator=gen) for _ in range(args.new_tokens)]
+    encoder = [(torch.randn(b, h, source, d, generator=gen), torch.randn(b, h, source, d, generator=gen))
+               for _ in range(args.layers)]
+    joined = [tuple(torch.cat([t.expand(b, -1, -1, -1), e], dim=2) for t, e in zip(prefix, kv)) for kv in encoder]
+
+    def decode(mode):
+        out = []
+        for q in queries:
+            evict.add_(1.0)
+            for layer in range(args.layers):
+                if mode == "stock":
+                    out.append(F.scaled_dot_product_attention(q, *encoder[layer]))
+                elif mode == "sdpa":
+                    out.append(F.scaled_dot_product_attention(q, *joined[layer]))
+                else:
+                    out.append(plain_attention(q, *joined[layer], None, d ** -0.5))
+        return out
+
+    same = all(torch.allclose(a, c, atol=1e-5, rtol=1e-5) for a, c in zip(decode("sdpa"), decode("plain")))
+    names = {f"stock, {source} keys": "stock", f"prefix {p}: sdpa over {source + p} keys": "sdpa",
+             f"prefix {p}: plain matmuls over {source + p} keys": "plain"}
+    timing = C.paired_rounds({name: (lambda mode=mode: decode(mode)) for name, mode in names.items()},
+                             f"stock, {source} keys", args.rounds)
+    stock_ms = 1e3 * statistics.median(timing[f"stock, {source} keys"]["cpu_s"])
+    rows = [[name, C.fmt(1e3 * statistics.median(timing[name]["cpu_s"]), 1),
+             f"{1e3 * statistics.median(timing[name]['cpu_s']) - stock_ms:+.1f}"] for name in names]
+    print(f"cross-attention over one greedy generate() with a {p}-token batch-1 prefix: {args.layers} layers x "
+          f"{args.new_tokens} one-query steps over {source} encoder keys, batch {b}, {h} heads of {d}; "
+          f"plain matmuls == sdpa (atol 1e-5): {same}")
+    print(C.table(["cross-attention", "ms per generate() (median)", "ms vs stock"], rows))
+    return timing, same
 
 
 if __name__ == "__main__":

@@ -138,6 +138,9 @@ def test_decode_step_quick(tmp_path):
     done = _run("bench_sdpa_keys.py", tmp_path / "decode_step.json", "--decode-step")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "scores joined == keys/values joined (atol 1e-5): True" in done.stdout, done.stdout
-    for row in ("| stock, no prefix", "| prefix 20: keys/values joined", "| prefix 20: scores joined"):
+    assert "plain matmuls == sdpa (atol 1e-5): True" in done.stdout, done.stdout
+    for row in ("| stock, no prefix", "| prefix 20: keys/values joined", "| prefix 20: scores joined",
+                "| stock, 24 keys", "| prefix 20: sdpa over 44 keys", "| prefix 20: plain matmuls over 44 keys"):
         assert row in done.stdout, done.stdout
-    assert json.loads((tmp_path / "decode_step.json").read_text())["same_output"] is True
+    written = json.loads((tmp_path / "decode_step.json").read_text())
+    assert written["same_output"] is True and written["cross_same_output"] is True

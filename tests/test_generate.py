@@ -210,13 +210,14 @@ class _KeyCopies(TorchDispatchMode):
 @pytest.mark.skipif(not hasattr(transformers.cache_utils, "DynamicLayer"), reason="caches made of layers: 4.54+")
 @pytest.mark.parametrize("beams", [1, 2])
 def test_prefixed_generate_copies_what_stock_copies_plus_the_prefix(model, beams):
-    """Each key/value copy of a prefixed generate() is stock's with the prefix rows in front, plus the encoder's joins.
+    """A prefixed generate() copies the keys/values stock copies, the cross ones with the prefix rows in front.
 
-    Decoder self-attention joins [prefix ; cache ; new] where stock's cache
-    update copies [cache ; new]; cross-attention caches [prefix ; encoder]
-    where stock caches the encoder projections, in one copy as stock (the
-    cache update must not copy the joined keys a second time); the encoder
-    joins [prefix ; keys] once per layer, where stock copies nothing.
+    Decoder self-attention copies exactly what stock's cache update copies,
+    [cache ; new], and never the prefix (its decoding steps join the scores,
+    not the keys/values); cross-attention caches [prefix ; encoder] where
+    stock caches the encoder projections, in one copy as stock (the cache
+    update must not copy the joined keys a second time); the encoder joins
+    [prefix ; keys] once per layer, where stock copies nothing.
     """
     config = model.config
     source = NEW + 3  # longer than any self-attention cache, so stock's copies tell the two sites apart
@@ -237,5 +238,5 @@ def test_prefixed_generate_copies_what_stock_copies_plus_the_prefix(model, beams
     assert stock, "stock generate() copies keys/values into its cache"
     heads = config.encoder_attention_heads
     encoder_joins = [(ids.shape[0], heads, source + lengths["encoder"], config.d_model // heads)]
-    want = [(b, h, n + lengths["cross" if n == source else "decoder"], d) for b, h, n, d in stock]
+    want = [(b, h, n + (lengths["cross"] if n == source else 0), d) for b, h, n, d in stock]
     assert prefixed == sorted(want + encoder_joins * 2 * config.encoder_layers)

@@ -48,7 +48,14 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UnsupportedConfigurationError
-from ._common import attention_wrapper, eager_attention_bmm, prefixed_keys_values
+from ._common import (
+    attention_wrapper,
+    decoding_step,
+    eager_attention_bmm,
+    plain_attention,
+    prefixed_keys_values,
+    split_attention,
+)
 from ._masks import prefixed_mask
 
 FAMILIES = ("B", "C")
@@ -86,14 +93,14 @@ class _Upstream:
 # ------------------------------------------------------------------ helpers
 
 
-def _keys_values(self, hidden_states, key_value_states, cache, cache_position, prefix_kv):
+def _keys_values(self, hidden_states, key_value_states, cache, cache_position, prefix_kv, join=True):
     """Keys/values ``[prefix ; real]`` of one call (see ``prefixed_keys_values``)."""
 
     def update(layer_cache, key_states, value_states, is_cross_attention):
         cache_kwargs = {"cache_position": None if is_cross_attention else cache_position}
         return layer_cache.update(key_states, value_states, self.layer_idx, cache_kwargs)
 
-    return prefixed_keys_values(self, hidden_states, key_value_states, cache, prefix_kv, update)
+    return prefixed_keys_values(self, hidden_states, key_value_states, cache, prefix_kv, update, join=join)
 
 
 def _mask(self, attention_mask, prefix_kv, query_len, key_len, is_cross_attention, boolean, dtype, device):
@@ -275,16 +282,40 @@ def attention_forward(
     bsz, tgt_len = hidden_states.shape[:-1]
 
     query_states = self.q_proj(hidden_states).view(bsz, tgt_len, -1, self.head_dim).transpose(1, 2)
-    # DIFF: keys/values are [prefix ; real] (see _keys_values).
-    key_states, value_states = _keys_values(self, hidden_states, key_value_states, cache, cache_position, prefix_kv)
-
     implementation = self.config._attn_implementation
+    # DIFF (speed): a CPU decoding step of self-attention joins the prefix to the scores, not the keys/values.
+    step = decoding_step(self, query_states, cache, prefix_kv, implementation)
+    split = step and not is_cross_attention
+    # DIFF: keys/values are [prefix ; real] (see _keys_values); real only where split.
+    key_states, value_states = _keys_values(
+        self, hidden_states, key_value_states, cache, cache_position, prefix_kv, join=not split
+    )
+    if split:
+        if attention_mask is not None and attention_mask.dim() == 4:  # upstream's cut to the (real) keys
+            attention_mask = attention_mask[:, :, :, : key_states.shape[-2]]
+        eager = implementation == "eager"  # as upstream: sdpa ignores the head mask and returns no weights
+        attn_output, attn_weights = split_attention(
+            query_states, key_states, value_states, prefix_kv, attention_mask, self.scaling,
+            head_mask=layer_head_mask if eager else None,
+        )
+        attn_output = self.out_proj(attn_output.transpose(1, 2).reshape(bsz, tgt_len, -1).contiguous())
+        attn_weights = attn_weights if eager else None
+        if upstream.returns_cache:
+            return attn_output, attn_weights, cache
+        return attn_output, attn_weights
+
     # DIFF: the mask gains always-visible prefix columns; where upstream would
     # leave None and let sdpa use is_causal, an explicit causal mask is built.
     attention_mask = _mask(
         self, attention_mask, prefix_kv, tgt_len, key_states.shape[-2], is_cross_attention,
         boolean=implementation == "sdpa", dtype=query_states.dtype, device=query_states.device,
     )
+
+    if step and implementation == "sdpa":
+        # DIFF (speed): a CPU decoding step of cross-attention, in plain matmuls (see decoding_step).
+        attn_output = plain_attention(query_states, key_states, value_states, attention_mask, self.scaling)
+        attn_output = self.out_proj(attn_output.transpose(1, 2).reshape(bsz, tgt_len, -1).contiguous())
+        return (attn_output, None, cache) if upstream.returns_cache else (attn_output, None)
 
     attention_interface = upstream.eager_attention_forward
     if implementation != "eager":

@@ -35,7 +35,7 @@ from typing import Callable
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ._common import attention_wrapper, prefixed_keys_values
+from ._common import attention_wrapper, decoding_step, plain_attention, prefixed_keys_values, split_attention
 from ._masks import prefixed_mask
 
 FAMILIES = ("D", "E", "E2")
@@ -110,10 +110,22 @@ def attention_forward(
             return layer_cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
         return layer_cache.update(key_states, value_states, self.layer_idx)  # E
 
-    # DIFF: keys/values are [prefix ; real] (see prefixed_keys_values).
-    key_states, value_states = prefixed_keys_values(self, hidden_states, key_value_states, cache, prefix_kv, update)
-
     implementation = self.config._attn_implementation
+    # DIFF (speed): a CPU decoding step of self-attention joins the prefix to the scores, not the keys/values.
+    step = decoding_step(self, query_states, cache, prefix_kv, implementation)
+    split = step and not is_cross_attention
+    # DIFF: keys/values are [prefix ; real] (see prefixed_keys_values); real only where split.
+    key_states, value_states = prefixed_keys_values(
+        self, hidden_states, key_value_states, cache, prefix_kv, update, join=not split
+    )
+    if split:
+        attn_output, attn_weights = split_attention(
+            query_states, key_states, value_states, prefix_kv, attention_mask, self.scaling
+        )
+        attn_output = attn_output.transpose(1, 2).reshape(*input_shape, -1).contiguous()
+        # As upstream: eager returns the probabilities (prefix columns included), sdpa None.
+        return self.out_proj(attn_output), attn_weights if implementation == "eager" else None
+
     # DIFF: the mask gains always-visible prefix columns (see prefixed_mask).
     attention_mask = prefixed_mask(
         attention_mask,
@@ -126,6 +138,11 @@ def attention_forward(
         device=query_states.device,
         visible=prefix_kv.visible,  # DIFF: per-row prefix lengths of a stacked prefix (None: all visible)
     )
+    if step and implementation == "sdpa":
+        # DIFF (speed): a CPU decoding step of cross-attention, in plain matmuls (see decoding_step).
+        attn_output = plain_attention(query_states, key_states, value_states, attention_mask, self.scaling)
+        attn_output = attn_output.transpose(1, 2).reshape(*input_shape, -1).contiguous()
+        return self.out_proj(attn_output), None
     if upstream.has_get_interface:  # 5.1+
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, upstream.eager_attention_forward)
     else:  # 5.0.0
