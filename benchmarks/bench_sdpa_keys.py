@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from bart_prefix_patch._state import PrefixKV
-from bart_prefix_patch.forks._common import plain_attention, split_attention
+from bart_prefix_patch.forks._decoding import plain_attention, split_attention
 
 
 def main() -> int:

@@ -28,7 +28,7 @@ LAYERS = {
     # 2: model knowledge (introspection over the table)
     "_models": 2,
     # 3: the Prefix type, the version gate, the forks
-    "prefix": 3, "_compat": 3, "forks": 3, "forks._common": 3, "forks._masks": 3,
+    "prefix": 3, "_compat": 3, "forks": 3, "forks._common": 3, "forks._decoding": 3, "forks._masks": 3,
     "forks.bart_v4_tuple": 3, "forks.bart_v4_cache": 3, "forks.bart_v5": 3,
     # 4: attach/detach, entry guards, apply/revert
     "_attach": 4, "_guards": 4, "_selfcheck": 4, "_verify": 4, "_patcher": 4,

@@ -1,4 +1,4 @@
-"""Decoding steps join the prefix to the scores, not the keys/values (``forks._common.split_attention``).
+"""Decoding steps join the prefix to the scores, not the keys/values (``forks._decoding.split_attention``).
 
 Checked against a plain float64 attention over the concatenated keys
 written here, then end to end: a cached decoding step (the split path) gives
@@ -16,7 +16,7 @@ from conftest import make_prefix, source_batch, target_batch
 from reference import reference_logits, tiny_model
 
 from bart_prefix_patch._state import PrefixKV
-from bart_prefix_patch.forks._common import plain_attention, split_attention
+from bart_prefix_patch.forks._decoding import plain_attention, split_attention
 
 BATCH, HEADS, KEYS, PREFIX, DIM = 3, 2, 5, 4, 8
 

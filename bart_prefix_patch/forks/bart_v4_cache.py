@@ -48,14 +48,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UnsupportedConfigurationError
-from ._common import (
-    attention_wrapper,
-    decoding_step,
-    eager_attention_bmm,
-    plain_attention,
-    prefixed_keys_values,
-    split_attention,
-)
+from ._common import attention_wrapper, eager_attention_bmm, prefixed_keys_values
+from ._decoding import decoding_step, plain_attention, split_attention
 from ._masks import prefixed_mask
 
 FAMILIES = ("B", "C")

@@ -35,7 +35,8 @@ from typing import Callable
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ._common import attention_wrapper, decoding_step, plain_attention, prefixed_keys_values, split_attention
+from ._common import attention_wrapper, prefixed_keys_values
+from ._decoding import decoding_step, plain_attention, split_attention
 from ._masks import prefixed_mask
 
 FAMILIES = ("D", "E", "E2")
