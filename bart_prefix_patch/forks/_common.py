@@ -100,7 +100,7 @@ def prefixed_keys_values(
         update: ``update(layer_cache, keys, values, is_cross_attention) ->
             (keys, values)``, the family's call of ``layer_cache.update``.
         join: False for a self-attention call with a cache whose caller joins
-            the scores instead (:func:`split_attention`): the real keys/values
+            the scores instead (:func:`._decoding.split_attention`): the real keys/values
             after the stock update, without the prefix.
     """
     is_cross_attention = key_value_states is not None

@@ -277,7 +277,7 @@ def attention_forward(
 
     query_states = self.q_proj(hidden_states).view(bsz, tgt_len, -1, self.head_dim).transpose(1, 2)
     implementation = self.config._attn_implementation
-    # DIFF (speed): a CPU decoding step of self-attention joins the prefix to the scores, not the keys/values.
+    # DIFF (speed): a one-query CPU decoding step skips the keys/values join (see _decoding.decoding_step).
     step = decoding_step(self, query_states, cache, prefix_kv, implementation)
     split = step and not is_cross_attention
     # DIFF: keys/values are [prefix ; real] (see _keys_values); real only where split.
