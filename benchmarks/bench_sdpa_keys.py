@@ -181,11 +181,7 @@ def decode_step(args) -> int:
     same = all(torch.allclose(a, c, atol=1e-5, rtol=1e-5) for a, c in zip(decode("joined"), decode("scores")))
     names = {"stock, no prefix": "stock", f"prefix {p}: keys/values joined": "joined",
              f"prefix {p}: scores joined": "scores"}
-    timing = C.paired_rounds({name: (lambda mode=mode: decode(mode)) for name, mode in names.items()},
-                             "stock, no prefix", args.rounds)
-    stock_ms = 1e3 * statistics.median(timing["stock, no prefix"]["cpu_s"])
-    rows = [[name, C.fmt(1e3 * statistics.median(timing[name]["cpu_s"]), 1),
-             f"{1e3 * statistics.median(timing[name]['cpu_s']) - stock_ms:+.1f}"] for name in names]
+    timing, rows = _timed_modes(names, decode, "stock, no prefix", args.rounds)
     print(f"decoder self-attention over one greedy generate() with a {p}-token batch-1 prefix: {args.layers} layers "
           f"x {args.new_tokens} one-query steps, batch {b}, {h} heads of {d}, {args.rounds} bracketed rounds, 1 thread; "
           f"scores joined == keys/values joined (atol 1e-5): {same}")
@@ -195,6 +191,20 @@ def decode_step(args) -> int:
                                           "batch": b, "heads": h, "head_dim": d, "same_output": same,
                                           "timing": timing, "cross": cross, "cross_same_output": cross_same})
     return 0 if same and cross_same else 1
+
+
+def _timed_modes(names, decode, baseline, rounds):
+    """Time ``decode(mode)`` for each ``{row name: mode}`` in bracketed rounds against ``baseline``.
+
+    Returns:
+        ``(timing, rows)``: :func:`_common.paired_rounds`' timing and one table row per name (median
+        ms per call, and its difference to the baseline's median).
+    """
+    timing = C.paired_rounds({name: (lambda mode=mode: decode(mode)) for name, mode in names.items()}, baseline, rounds)
+    baseline_ms = 1e3 * statistics.median(timing[baseline]["cpu_s"])
+    rows = [[name, C.fmt(1e3 * statistics.median(timing[name]["cpu_s"]), 1),
+             f"{1e3 * statistics.median(timing[name]['cpu_s']) - baseline_ms:+.1f}"] for name in names]
+    return timing, rows
 
 
 def _decode_step_cross(args, prefix, evict):
@@ -225,11 +235,7 @@ def _decode_step_cross(args, prefix, evict):
     same = all(torch.allclose(a, c, atol=1e-5, rtol=1e-5) for a, c in zip(decode("sdpa"), decode("plain")))
     names = {f"stock, {source} keys": "stock", f"prefix {p}: sdpa over {source + p} keys": "sdpa",
              f"prefix {p}: plain matmuls over {source + p} keys": "plain"}
-    timing = C.paired_rounds({name: (lambda mode=mode: decode(mode)) for name, mode in names.items()},
-                             f"stock, {source} keys", args.rounds)
-    stock_ms = 1e3 * statistics.median(timing[f"stock, {source} keys"]["cpu_s"])
-    rows = [[name, C.fmt(1e3 * statistics.median(timing[name]["cpu_s"]), 1),
-             f"{1e3 * statistics.median(timing[name]['cpu_s']) - stock_ms:+.1f}"] for name in names]
+    timing, rows = _timed_modes(names, decode, f"stock, {source} keys", args.rounds)
     print(f"cross-attention over one greedy generate() with a {p}-token batch-1 prefix: {args.layers} layers x "
           f"{args.new_tokens} one-query steps over {source} encoder keys, batch {b}, {h} heads of {d}; "
           f"plain matmuls == sdpa (atol 1e-5): {same}")
