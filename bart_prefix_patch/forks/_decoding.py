@@ -34,7 +34,7 @@ def decoding_step(self, query_states: torch.Tensor, cache, prefix_kv, implementa
     return (
         cache is not None
         and query_states.shape[2] == 1
-        and query_states.device.type == "cpu"
+        and query_states.is_cpu  # a property read: this runs in every attention call of every step
         and not self.training
         and implementation in ("eager", "sdpa")
         and prefix_kv[0].shape[2] > 0
