@@ -4,6 +4,7 @@
     python benchmarks/bench_generate.py --quick    # tiny dims: the CI smoke test
     python benchmarks/bench_generate.py --part main    # only the main table (+ the overhead part)
     python benchmarks/bench_generate.py --part sweep   # only the source-length sweep
+    python benchmarks/bench_generate.py --part main --decodings greedy  # the greedy rows alone (more rounds per run)
     python benchmarks/bench_generate.py --part overhead  # only the patch's per-call overhead
     python benchmarks/bench_generate.py --part profile   # per-operator profile, stock vs prefix (beam 4)
     python benchmarks/bench_generate.py --part sites     # greedy, the prefix on one site at a time
@@ -172,6 +173,8 @@ def main_table(args, model, config, results):
     peft = peft_model(model, args.prefix_length) if not args.no_peft else None
     rows = []
     for mode, beams in (("greedy", 1), ("beam 4", 4)):
+        if mode.split()[0] not in args.decodings:
+            continue
         gc = generation_config(beams, args.new_tokens)
         fns = variants(model, ids, prefix, gc, peft, include_naive=args.model == "bart")
         notes = check_outputs(fns, generation_config(beams, min(8, args.new_tokens)))
@@ -486,6 +489,8 @@ def main() -> int:
                         "(both), or a row per site (each)")
     p.add_argument("--overhead-rounds", type=int, default=None, help="rounds of the overhead part (default 20; --quick 1)")
     p.add_argument("--rounds", type=int, default=None, help="bracketed rounds (default 4; --quick 1)")
+    p.add_argument("--decodings", nargs="+", choices=["greedy", "beam"], default=["greedy", "beam"],
+                   help="--part main: the decodings timed (greedy alone fits more rounds of its rows in a run)")
     p.add_argument("--naive-rounds", type=int, default=None, help="rounds of the slow naive row, greedy (default 2)")
     p.add_argument("--naive-rounds-beam", type=int, default=None, help="... beam 4 (default 1)")
     p.add_argument("--sweep-rounds", type=int, default=None, help="rounds per sweep length (default 3; --quick 1)")

@@ -29,7 +29,8 @@ package's ``[prefix ; cache ; new]`` join followed by sdpa, and attention with
 the *scores* joined instead (``q Kp^T`` with the batch folded into the query
 rows, so the batch-1 prefix is never expanded, next to ``q Kc^T`` over stock's
 cache; one softmax; two products with the values: the package's
-``split_attention``, which decoding steps run since). A 64 MB buffer is
+``split_attention``, which decoding steps run since when the prefix is
+large enough: ``_decoding.SPLIT_MIN_BYTES``). A 64 MB buffer is
 touched between steps in every row, as a model's weights evict the caches.
 A second table does the same for cross-attention over the last of
 ``--sources`` encoder keys: stock's sdpa, sdpa over the cached

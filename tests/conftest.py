@@ -41,6 +41,20 @@ def make_prefix(config, **kwargs) -> bpp.Prefix:
     return bpp.Prefix(encoder=ns.encoder, decoder=ns.decoder, cross=ns.cross)
 
 
+@pytest.fixture(params=["split", "join"])
+def decoding_path(request, monkeypatch):
+    """Force how decoder self-attention decoding steps meet the prefix: scores joined, or keys/values joined.
+
+    The forks choose by the prefix's size (``_decoding.SPLIT_MIN_BYTES``);
+    tiny test models would always join, so tests that must cover both paths
+    take this fixture.
+    """
+    from bart_prefix_patch.forks import _decoding
+
+    monkeypatch.setattr(_decoding, "SPLIT_MIN_BYTES", 0 if request.param == "split" else float("inf"))
+    return request.param
+
+
 @pytest.fixture(params=["eager", "sdpa"])
 def model(request):
     """A tiny random BART, once per attention implementation."""

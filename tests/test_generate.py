@@ -47,7 +47,7 @@ def _greedy(model, ids, mask, **kwargs):
 
 
 @pytest.mark.parametrize("prefix_batch", [1, 2])
-def test_greedy_matches_reference(model, prefix_batch):
+def test_greedy_matches_reference(model, prefix_batch, decoding_path):
     config = model.config
     ids, mask = source_batch(config, pad_last=2)
     prefix = make_prefix(config, batch=prefix_batch, scale=2.0)
@@ -83,7 +83,7 @@ def test_greedy_attached_and_seed_spelling_match_per_call(model):
 
 
 @pytest.mark.parametrize("prefix_batch", [1, 2])
-def test_beam_scores_equal_teacher_forced_logprob(model, prefix_batch):
+def test_beam_scores_equal_teacher_forced_logprob(model, prefix_batch, decoding_path):
     config = model.config
     ids, mask = source_batch(config, pad_last=1)
     prefix = make_prefix(config, batch=prefix_batch, scale=2.0)
@@ -115,7 +115,7 @@ def test_beam_scores_equal_teacher_forced_logprob(model, prefix_batch):
     ids=["greedy", "beam", "sample"],
 )
 @pytest.mark.parametrize("prefix_batch", [1, 2])
-def test_cache_equals_no_cache(model, kwargs, prefix_batch):
+def test_cache_equals_no_cache(model, kwargs, prefix_batch, decoding_path):
     config = model.config
     ids, mask = source_batch(config, pad_last=2)
     prefix = make_prefix(config, batch=prefix_batch, scale=2.0)
@@ -128,7 +128,7 @@ def test_cache_equals_no_cache(model, kwargs, prefix_batch):
     assert runs[0].tolist() == runs[1].tolist()
 
 
-def test_padded_batch_equals_one_at_a_time(model):
+def test_padded_batch_equals_one_at_a_time(model, decoding_path):
     config = model.config
     ids, mask = source_batch(config, batch=3, pad_last=3)
     prefix = make_prefix(config, batch=3, scale=2.0)
@@ -209,12 +209,14 @@ class _KeyCopies(TorchDispatchMode):
 
 @pytest.mark.skipif(not hasattr(transformers.cache_utils, "DynamicLayer"), reason="caches made of layers: 4.54+")
 @pytest.mark.parametrize("beams", [1, 2])
-def test_prefixed_generate_copies_what_stock_copies_plus_the_prefix(model, beams):
-    """A prefixed generate() copies the keys/values stock copies, the cross ones with the prefix rows in front.
+def test_prefixed_generate_copies_what_stock_copies_plus_the_prefix(model, beams, decoding_path):
+    """A prefixed generate() copies the keys/values stock copies, with the prefix rows in front where it joins them.
 
     Decoder self-attention copies exactly what stock's cache update copies,
-    [cache ; new], and never the prefix (its decoding steps join the scores,
-    not the keys/values); cross-attention caches [prefix ; encoder] where
+    [cache ; new], and never the prefix where its decoding steps join the
+    scores ("split"); where they join the keys/values ("join", small
+    prefixes) it copies [prefix ; cache ; new] in that one concatenation
+    instead of stock's, never a second time. Cross-attention caches [prefix ; encoder] where
     stock caches the encoder projections, in one copy as stock (the cache
     update must not copy the joined keys a second time); the encoder joins
     [prefix ; keys] once per layer, where stock copies nothing.
@@ -238,5 +240,6 @@ def test_prefixed_generate_copies_what_stock_copies_plus_the_prefix(model, beams
     assert stock, "stock generate() copies keys/values into its cache"
     heads = config.encoder_attention_heads
     encoder_joins = [(ids.shape[0], heads, source + lengths["encoder"], config.d_model // heads)]
-    want = [(b, h, n + (lengths["cross"] if n == source else 0), d) for b, h, n, d in stock]
+    self_rows = 0 if decoding_path == "split" else lengths["decoder"]
+    want = [(b, h, n + (lengths["cross"] if n == source else self_rows), d) for b, h, n, d in stock]
     assert prefixed == sorted(want + encoder_joins * 2 * config.encoder_layers)

@@ -16,7 +16,7 @@ from conftest import make_prefix, source_batch, target_batch
 from reference import reference_logits, tiny_model
 
 from bart_prefix_patch._state import PrefixKV
-from bart_prefix_patch.forks._decoding import plain_attention, split_attention
+from bart_prefix_patch.forks._decoding import plain_attention, split_attention, splits_scores
 
 BATCH, HEADS, KEYS, PREFIX, DIM = 3, 2, 5, 4, 8
 
@@ -102,7 +102,7 @@ def test_a_mask_of_the_wrong_width_names_both_widths():
         split_attention(query, keys, values, (prefix_key, prefix_value), torch.ones(1, 1, 1, 3, dtype=torch.bool), 1.0)
 
 
-def test_cached_step_probabilities_equal_the_full_forward_row():
+def test_cached_step_probabilities_equal_the_full_forward_row(decoding_path):
     """Eager output_attentions of a decoding step: the full forward's last row, prefix columns included."""
     model = tiny_model(seed=0, attn_implementation="eager")
     config = model.config
@@ -123,7 +123,7 @@ def test_cached_step_probabilities_equal_the_full_forward_row():
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_bfloat16_decoding_step_matches_the_reference(implementation):
+def test_bfloat16_decoding_step_matches_the_reference(implementation, decoding_path):
     model = tiny_model(seed=0, attn_implementation=implementation)
     config = model.config
     ids, mask = source_batch(config, pad_last=2)
@@ -153,3 +153,14 @@ def test_plain_attention_matches_plain_attention_over_joined_keys(mask_kind):
         mask = torch.cat([fill(BATCH, 1, 1, PREFIX, dtype=mask.dtype), mask], dim=-1)
     got = plain_attention(query, joined_keys, joined_values, mask, 0.3)
     torch.testing.assert_close(got.double(), want_out, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "batch,length,dtype,splits",
+    [(1, 20, torch.float32, False), (4, 20, torch.float32, True), (1, 80, torch.float32, True),
+     (2, 20, torch.bfloat16, False), (4, 20, torch.bfloat16, True)],
+)
+def test_self_attention_splits_large_prefixes_only(batch, length, dtype, splits):
+    """bart-base width (12 heads of 64): small prefixes join the keys/values, large ones the scores (bytes decide)."""
+    key = torch.zeros(1, 12, length, 64, dtype=dtype).expand(batch, -1, -1, -1)  # a batch-1 prefix, expanded
+    assert splits_scores(PrefixKV(key, key)) is splits

@@ -137,7 +137,7 @@ def test_gradient_checkpointing_matches():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_greedy_rows_match_solo(model):
+def test_greedy_rows_match_solo(model, decoding_path):
     config = model.config
     entries = _entries(config)
     ids, mask = _batch(config)
@@ -152,7 +152,7 @@ def test_greedy_rows_match_solo(model):
 
 
 @pytest.mark.parametrize("beams,returned", [(3, 2), (1, 3)])
-def test_beam_and_returned_sequences_follow_their_example(model, beams, returned):
+def test_beam_and_returned_sequences_follow_their_example(model, beams, returned, decoding_path):
     config = model.config
     entries = _entries(config)
     ids, mask = _batch(config)

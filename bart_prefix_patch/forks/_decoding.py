@@ -17,15 +17,24 @@ import torch
 
 from ._common import in_dtype_of
 
+#: Bytes of a decoder self-attention prefix's keys and values (at the runtime batch) from which a
+#: decoding step joins the scores (:func:`split_attention`) instead of the keys/values. The join
+#: copies the prefix with the cache on every step (bytes); the split copies nothing but runs about
+#: eight more small operators (a fixed cost). Measured crossover, docs/benchmarks.md (section 6,
+#: "Decoding steps without the prefix copy"), bart-base dims, 20 tokens, float32: batch 1 (120 KiB)
+#: is faster joined, batch 2 (240 KiB) even, batch 4 (480 KiB) faster split.
+SPLIT_MIN_BYTES = 160 * 1024
+
 
 def decoding_step(self, query_states: torch.Tensor, cache, prefix_kv, implementation: str) -> bool:
     """Whether this call is a CPU decoding step that the attention below serves faster than the stock kernels.
 
     One query with a cache, in eval mode (no attention dropout), on the CPU,
     with eager or sdpa attention and a non-empty prefix. Decoder
-    self-attention then joins the prefix to the scores, not the keys/values
-    (:func:`split_attention`): joining the keys re-copies the prefix rows
-    with the whole cache on every step of every layer. Cross-attention runs
+    self-attention then joins a large prefix (:func:`splits_scores`) to the
+    scores, not the keys/values (:func:`split_attention`): joining the keys
+    re-copies the prefix rows with the whole cache on every step of every
+    layer. Cross-attention runs
     :func:`plain_attention` over its cached ``[prefix ; encoder]`` keys,
     where the sdpa kernel charges the prefix's few extra keys a whole
     partial block. Both measured in docs/benchmarks.md (section 6); other
@@ -39,6 +48,17 @@ def decoding_step(self, query_states: torch.Tensor, cache, prefix_kv, implementa
         and implementation in ("eager", "sdpa")
         and prefix_kv[0].shape[2] > 0
     )
+
+
+def splits_scores(prefix_kv) -> bool:
+    """Whether a decoder self-attention decoding step with this prefix runs :func:`split_attention`.
+
+    Large prefixes (in bytes at the runtime batch: batch, length, width,
+    dtype) cost the joined keys/values more in copies than the split costs in
+    operators; small ones the other way round (see :data:`SPLIT_MIN_BYTES`).
+    """
+    key = prefix_kv[0]
+    return 2 * key.numel() * key.element_size() >= SPLIT_MIN_BYTES
 
 
 def plain_attention(

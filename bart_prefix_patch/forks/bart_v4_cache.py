@@ -49,7 +49,7 @@ import torch
 
 from ..errors import UnsupportedConfigurationError
 from ._common import attention_wrapper, eager_attention_bmm, prefixed_keys_values
-from ._decoding import decoding_step, plain_attention, split_attention
+from ._decoding import decoding_step, plain_attention, split_attention, splits_scores
 from ._masks import prefixed_mask
 
 FAMILIES = ("B", "C")
@@ -279,7 +279,7 @@ def attention_forward(
     implementation = self.config._attn_implementation
     # DIFF (speed): a one-query CPU decoding step skips the keys/values join (see _decoding.decoding_step).
     step = decoding_step(self, query_states, cache, prefix_kv, implementation)
-    split = step and not is_cross_attention
+    split = step and not is_cross_attention and splits_scores(prefix_kv)
     # DIFF: keys/values are [prefix ; real] (see _keys_values); real only where split.
     key_states, value_states = _keys_values(
         self, hidden_states, key_value_states, cache, cache_position, prefix_kv, join=not split

@@ -36,7 +36,7 @@ from typing import Callable
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ._common import attention_wrapper, prefixed_keys_values
-from ._decoding import decoding_step, plain_attention, split_attention
+from ._decoding import decoding_step, plain_attention, split_attention, splits_scores
 from ._masks import prefixed_mask
 
 FAMILIES = ("D", "E", "E2")
@@ -114,7 +114,7 @@ def attention_forward(
     implementation = self.config._attn_implementation
     # DIFF (speed): a one-query CPU decoding step skips the keys/values join (see _decoding.decoding_step).
     step = decoding_step(self, query_states, cache, prefix_kv, implementation)
-    split = step and not is_cross_attention
+    split = step and not is_cross_attention and splits_scores(prefix_kv)
     # DIFF: keys/values are [prefix ; real] (see prefixed_keys_values); real only where split.
     key_states, value_states = prefixed_keys_values(
         self, hidden_states, key_value_states, cache, prefix_kv, update, join=not split
