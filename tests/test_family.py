@@ -81,7 +81,7 @@ def test_no_prefix_is_bitwise_stock(family_model):
 
 
 @pytest.mark.parametrize("prefix_batch", [1, 2])
-def test_greedy_matches_reference(family_model, prefix_batch):
+def test_greedy_matches_reference(family_model, prefix_batch, decoding_path):
     model = family_model
     ids, mask = source_batch(model.config, pad_last=2)
     prefix = make_prefix(model.config, batch=prefix_batch, scale=2.0)
@@ -90,7 +90,7 @@ def test_greedy_matches_reference(family_model, prefix_batch):
     assert got.tolist() == want.tolist()
 
 
-def test_beam_scores_equal_teacher_forced_logprob_and_cache_equals_no_cache(family_model):
+def test_beam_scores_equal_teacher_forced_logprob_and_cache_equals_no_cache(family_model, decoding_path):
     model = family_model
     if decoder_vocab_size(model.config) != model.config.vocab_size:
         # Stock beam search reshapes scores by config.vocab_size, not the LM head's width, on 4.x - 5.3

@@ -164,3 +164,36 @@ def test_self_attention_splits_large_prefixes_only(batch, length, dtype, splits)
     """bart-base width (12 heads of 64): small prefixes join the keys/values, large ones the scores (bytes decide)."""
     key = torch.zeros(1, 12, length, 64, dtype=dtype).expand(batch, -1, -1, -1)  # a batch-1 prefix, expanded
     assert splits_scores(PrefixKV(key, key)) is splits
+
+
+def test_only_cross_attention_steps_take_plain_attention(decoding_path, monkeypatch):
+    """sdpa decoding steps: cross-attention runs plain_attention over [prefix ; encoder]; self-attention never does.
+
+    Self-attention over its short cache is faster in sdpa (docs/benchmarks.md, section 6), whether it
+    joins the keys/values or the scores.
+    """
+    import importlib
+
+    model = tiny_model(seed=0, attn_implementation="sdpa")
+    config = model.config
+    ids, mask = source_batch(config)
+    new = 4
+    key_lengths = []
+    for name in ("bart_v5", "bart_v4_cache"):
+        try:
+            fork = importlib.import_module(f"bart_prefix_patch.forks.{name}")
+        except ImportError:  # a fork module of other releases
+            continue
+        plain = fork.plain_attention
+
+        def counted(query, keys, *args, plain=plain):
+            key_lengths.append(keys.shape[2])
+            return plain(query, keys, *args)
+
+        monkeypatch.setattr(fork, "plain_attention", counted)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, prefix=make_prefix(config, cross_len=5), max_new_tokens=new,
+                       min_new_tokens=new, do_sample=False, num_beams=1)
+    if not key_lengths:
+        pytest.skip("this release's fork has no decoding-step path (4.44 - 4.52)")
+    assert key_lengths == [5 + ids.shape[1]] * (config.decoder_layers * new)

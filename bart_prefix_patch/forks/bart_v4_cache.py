@@ -305,7 +305,7 @@ def attention_forward(
         boolean=implementation == "sdpa", dtype=query_states.dtype, device=query_states.device,
     )
 
-    if step and implementation == "sdpa":
+    if step and is_cross_attention and implementation == "sdpa":
         # DIFF (speed): a CPU decoding step of cross-attention, in plain matmuls (see decoding_step).
         attn_output = plain_attention(query_states, key_states, value_states, attention_mask, self.scaling)
         attn_output = self.out_proj(attn_output.transpose(1, 2).reshape(bsz, tgt_len, -1).contiguous())

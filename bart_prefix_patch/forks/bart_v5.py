@@ -139,7 +139,7 @@ def attention_forward(
         device=query_states.device,
         visible=prefix_kv.visible,  # DIFF: per-row prefix lengths of a stacked prefix (None: all visible)
     )
-    if step and implementation == "sdpa":
+    if step and is_cross_attention and implementation == "sdpa":
         # DIFF (speed): a CPU decoding step of cross-attention, in plain matmuls (see decoding_step).
         attn_output = plain_attention(query_states, key_states, value_states, attention_mask, self.scaling)
         attn_output = attn_output.transpose(1, 2).reshape(*input_shape, -1).contiguous()
