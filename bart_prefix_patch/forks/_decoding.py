@@ -21,8 +21,8 @@ from ._common import in_dtype_of
 #: decoding step joins the scores (:func:`split_attention`) instead of the keys/values. The join
 #: copies the prefix with the cache on every step (bytes); the split copies nothing but runs about
 #: eight more small operators (a fixed cost). Measured crossover, docs/benchmarks.md (section 6,
-#: "Decoding steps without the prefix copy"), bart-base dims, 20 tokens, float32: batch 1 (120 KiB)
-#: is faster joined, batch 2 (240 KiB) even, batch 4 (480 KiB) faster split.
+#: "Small prefixes join the keys, large ones the scores"), bart-base dims, 20 tokens, float32:
+#: batch 1 (120 KiB) is faster joined, batch 2 (240 KiB) even, batch 4 (480 KiB) faster split.
 SPLIT_MIN_BYTES = 160 * 1024
 
 
@@ -34,8 +34,7 @@ def decoding_step(self, query_states: torch.Tensor, cache, prefix_kv, implementa
     self-attention then joins a large prefix (:func:`splits_scores`) to the
     scores, not the keys/values (:func:`split_attention`): joining the keys
     re-copies the prefix rows with the whole cache on every step of every
-    layer. Cross-attention runs
-    :func:`plain_attention` over its cached ``[prefix ; encoder]`` keys,
+    layer. Cross-attention runs :func:`plain_attention` over its cached ``[prefix ; encoder]`` keys,
     where the sdpa kernel charges the prefix's few extra keys a whole
     partial block. Both measured in docs/benchmarks.md (section 6); other
     devices keep the stock kernels, which these were not measured against.
