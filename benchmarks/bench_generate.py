@@ -10,6 +10,7 @@
     python benchmarks/bench_generate.py --part sites     # greedy, the prefix on one site at a time
     python benchmarks/bench_generate.py --part halves    # the encoder alone, then greedy decoding alone
     python benchmarks/bench_generate.py --part prefix-lengths  # greedy decoding alone, prefix 1 / 20 / 80
+    python benchmarks/bench_generate.py --part paths   # self-attention steps joined vs split, per step and per call
     python benchmarks/bench_generate.py --malloc steady  # glibc malloc thresholds pinned (see _common.steady_malloc)
     python benchmarks/bench_generate.py --model marian   # the main table at Marian translation dims (see MARIAN)
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import _common as C  # noqa: I001  (first: pins torch to one thread)
 
+import contextlib
 import json
 import statistics
 import sys
@@ -394,6 +396,73 @@ def halves(args, model, config, results):
                   rows))
 
 
+def paths(args, model, config, results):
+    """Decoder self-attention's two decoding-step paths inside a real greedy ``generate()``: per step and per call.
+
+    The prefix (all three sites) runs with its self-attention steps forced to join the
+    keys/values (``forks._decoding.SPLIT_MIN_BYTES`` above any prefix) and forced to join the
+    scores (0), stock around each, in bracketed rounds, at two lengths: ``--paths-short`` and
+    ``--new-tokens`` new tokens. A row's extra time over stock at both lengths splits into a part
+    per decoding step (the difference over the extra steps) and a part per call (the encoder,
+    the cross-attention join, the prefix's resolution). Timed alone in a tight loop
+    (``bench_sdpa_keys.py --decode-step``) the small operators of a path cost less dispatch
+    than they do between a model's other operators; this is the check inside the model.
+    """
+    from bart_prefix_patch.forks import _decoding
+
+    ids = C.source_ids(config, args.batch, args.source)
+    prefix = C.random_prefix(config, args.prefix_length, SITES)
+    short = min(args.paths_short, args.new_tokens // 2)
+    forced = {"keys/values joined": float("inf"), "scores joined": 0}
+
+    def forcing(limit):
+        @contextlib.contextmanager
+        def context():
+            saved, _decoding.SPLIT_MIN_BYTES = _decoding.SPLIT_MIN_BYTES, limit
+            try:
+                yield
+            finally:
+                _decoding.SPLIT_MIN_BYTES = saved
+
+        return context
+
+    tokens = {}
+    for name, limit in forced.items():
+        with forcing(limit)(), torch.no_grad():
+            tokens[name] = model.generate(ids, generation_config=generation_config(1, short), prefix=prefix).tolist()
+    same = tokens["keys/values joined"] == tokens["scores joined"]
+    extra, entry = {}, {}
+    for steps in (short, args.new_tokens):
+        gc = generation_config(1, steps)
+
+        def call(with_prefix, gc=gc):
+            with torch.no_grad():
+                return model.generate(ids, generation_config=gc, **({"prefix": prefix} if with_prefix else {}))
+
+        fns = {"stock": C.Variant(lambda: call(False), C.stock)}
+        fns.update({name: C.Variant(lambda: call(True), forcing(limit)) for name, limit in forced.items()})
+        print(f"[paths] {steps} new tokens: {args.paths_rounds} paired rounds", file=sys.stderr, flush=True)
+        timing = C.paired_rounds(fns, "stock", args.paths_rounds)
+        for name in forced:
+            extra[name, steps] = statistics.median(_extra_seconds(timing[name]))
+            entry.setdefault(name, {})[str(steps)] = {**timing[name], "extra_cpu_s": _extra_seconds(timing[name])}
+    rows = []
+    for name in forced:
+        per_step = (extra[name, args.new_tokens] - extra[name, short]) / (args.new_tokens - short)
+        per_call = extra[name, short] - short * per_step
+        entry[name]["per_step_s"], entry[name]["per_call_s"] = per_step, per_call
+        rows.append([name, f"{1000 * extra[name, short]:+.1f}", f"{1000 * extra[name, args.new_tokens]:+.1f}",
+                     f"{1e6 * per_step:+.0f}", f"{1000 * per_call:+.1f}"])
+    results["paths"] = entry
+    results["paths_same_tokens"] = same
+    print(f"\nDecoder self-attention's decoding-step paths in greedy generate(), prefix {args.prefix_length} on all "
+          f"three sites; batch {args.batch}, source {args.source}, {short} and {args.new_tokens} new tokens, "
+          f"{args.paths_rounds} bracketed rounds, {C.dims_note(config)}; extra = CPU s over stock (median); "
+          f"same tokens on both paths: {same}")
+    print(C.table(["self-attention steps", f"extra ms, {short} tokens", f"extra ms, {args.new_tokens} tokens",
+                   "per step us", "per call ms"], rows))
+
+
 def prefix_lengths(args, model, config, results):
     """Does the decoding gap grow with the prefix, or is it the cost of the prefixed path itself?
 
@@ -476,10 +545,13 @@ def profile(args, model, config, results):
 
 def main() -> int:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["all", "main", "overhead", "sweep", "profile", "sites", "halves", "prefix-lengths"],
+    p.add_argument("--part", choices=["all", "main", "overhead", "sweep", "profile", "sites", "halves", "prefix-lengths",
+                                      "paths"],
                    default="all")
     p.add_argument("--sites-rounds", type=int, default=None, help="rounds of --part sites (default 6; --quick 1)")
     p.add_argument("--halves-rounds", type=int, default=None, help="rounds of --part halves (default 12; --quick 1)")
+    p.add_argument("--paths-rounds", type=int, default=None, help="rounds of --part paths (default 6; --quick 1)")
+    p.add_argument("--paths-short", type=int, default=8, help="--part paths: new tokens of the short calls")
     p.add_argument("--lengths-rounds", type=int, default=None,
                    help="rounds of --part prefix-lengths (default 12; --quick 1)")
     p.add_argument("--prefix-lengths", type=int, nargs="+", default=[1, 20, 80],
@@ -529,6 +601,7 @@ def main() -> int:
     args.sites_rounds = args.sites_rounds or (1 if quick else 6)
     args.halves_rounds = args.halves_rounds or (1 if quick else 12)
     args.lengths_rounds = args.lengths_rounds or (1 if quick else 12)
+    args.paths_rounds = args.paths_rounds or (1 if quick else 6)
     args.source = args.source or (64 if quick else 128 if args.model == "marian" else 512)
     args.new_tokens = args.new_tokens or (8 if quick else 64)
     args.lengths = args.lengths or ([32] if quick else [64, 128, 256, 512, 1024])
@@ -556,6 +629,8 @@ def main() -> int:
         halves(args, model, config, results)
     if args.part == "prefix-lengths":
         prefix_lengths(args, model, config, results)
+    if args.part == "paths":
+        paths(args, model, config, results)
     if args.profile or args.part == "profile":
         profile(args, model, config, results)
     results["wall_s"] = C.time.perf_counter() - started

@@ -45,9 +45,9 @@ def make_prefix(config, **kwargs) -> bpp.Prefix:
 def decoding_path(request, monkeypatch):
     """Force how decoder self-attention decoding steps meet the prefix: scores joined, or keys/values joined.
 
-    The forks choose by the prefix's size (``_decoding.SPLIT_MIN_BYTES``);
-    tiny test models would always join, so tests that must cover both paths
-    take this fixture.
+    The forks choose by the prefix's size (``_decoding.SPLIT_MIN_BYTES``,
+    by default 0: every prefix splits on the CPU); the join is the path of
+    other devices, so tests that must cover both paths take this fixture.
     """
     from bart_prefix_patch.forks import _decoding
 

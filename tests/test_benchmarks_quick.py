@@ -144,3 +144,13 @@ def test_decode_step_quick(tmp_path):
         assert row in done.stdout, done.stdout
     written = json.loads((tmp_path / "decode_step.json").read_text())
     assert written["same_output"] is True and written["cross_same_output"] is True
+
+
+def test_paths_quick(tmp_path):
+    done = _run("bench_generate.py", tmp_path / "generate_paths.json", "--part", "paths")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| keys/values joined" in done.stdout and "| scores joined" in done.stdout, done.stdout
+    assert "same tokens on both paths: True" in done.stdout, done.stdout
+    paths = json.loads((tmp_path / "generate_paths.json").read_text())["paths"]
+    assert sorted(paths) == ["keys/values joined", "scores joined"]
+    assert all({"per_step_s", "per_call_s", "4", "8"} <= set(entry) for entry in paths.values()), paths

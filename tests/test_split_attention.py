@@ -155,15 +155,22 @@ def test_plain_attention_matches_plain_attention_over_joined_keys(mask_kind):
     torch.testing.assert_close(got.double(), want_out, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "batch,length,dtype,splits",
-    [(1, 20, torch.float32, False), (4, 20, torch.float32, True), (1, 80, torch.float32, True),
-     (2, 20, torch.bfloat16, False), (4, 20, torch.bfloat16, True)],
-)
-def test_self_attention_splits_large_prefixes_only(batch, length, dtype, splits):
-    """bart-base width (12 heads of 64): small prefixes join the keys/values, large ones the scores (bytes decide)."""
+@pytest.mark.parametrize("batch,length,dtype", [(1, 1, torch.bfloat16), (1, 20, torch.float32), (4, 80, torch.float32)])
+def test_self_attention_decoding_steps_split_every_prefix_by_default(batch, length, dtype):
+    """The size rule's default: every non-empty prefix joins the scores (measured faster inside generate())."""
     key = torch.zeros(1, 12, length, 64, dtype=dtype).expand(batch, -1, -1, -1)  # a batch-1 prefix, expanded
-    assert splits_scores(PrefixKV(key, key)) is splits
+    assert splits_scores(PrefixKV(key, key))
+
+
+def test_the_size_rule_counts_the_prefix_bytes_at_the_runtime_batch(monkeypatch):
+    """Raised, the threshold sends small prefixes (batch x length x width x dtype) to the keys/values join."""
+    from bart_prefix_patch.forks import _decoding
+
+    monkeypatch.setattr(_decoding, "SPLIT_MIN_BYTES", 160 * 1024)
+    for batch, length, dtype, splits in [(1, 20, torch.float32, False), (4, 20, torch.float32, True),
+                                         (1, 80, torch.float32, True), (2, 20, torch.bfloat16, False)]:
+        key = torch.zeros(1, 12, length, 64, dtype=dtype).expand(batch, -1, -1, -1)
+        assert splits_scores(PrefixKV(key, key)) is splits, (batch, length, dtype)
 
 
 def test_only_cross_attention_steps_take_plain_attention(decoding_path, monkeypatch):

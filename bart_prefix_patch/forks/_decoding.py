@@ -18,12 +18,12 @@ import torch
 from ._common import in_dtype_of
 
 #: Bytes of a decoder self-attention prefix's keys and values (at the runtime batch) from which a
-#: decoding step joins the scores (:func:`split_attention`) instead of the keys/values. The join
-#: copies the prefix with the cache on every step (bytes); the split copies nothing but runs about
-#: eight more small operators (a fixed cost). Measured crossover, docs/benchmarks.md (section 6,
-#: "Small prefixes join the keys, large ones the scores"), bart-base dims, 20 tokens, float32:
-#: batch 1 (120 KiB) is faster joined, batch 2 (240 KiB) even, batch 4 (480 KiB) faster split.
-SPLIT_MIN_BYTES = 160 * 1024
+#: CPU decoding step joins the scores (:func:`split_attention`) instead of the keys/values: 0,
+#: every prefix. Timed alone in a tight loop, small prefixes looked faster joined (batch 1,
+#: 20 tokens); inside greedy generate() the split was faster at batch 1, 2 and 4 (docs/benchmarks.md,
+#: section 6, "Joined keys or joined scores: tried by size, kept the split"). Tests raise it to
+#: run the join, the path of other devices, on the CPU.
+SPLIT_MIN_BYTES = 0
 
 
 def decoding_step(self, query_states: torch.Tensor, cache, prefix_kv, implementation: str) -> bool:
@@ -31,7 +31,7 @@ def decoding_step(self, query_states: torch.Tensor, cache, prefix_kv, implementa
 
     One query with a cache, in eval mode (no attention dropout), on the CPU,
     with eager or sdpa attention and a non-empty prefix. Decoder
-    self-attention then joins a large prefix (:func:`splits_scores`) to the
+    self-attention then joins the prefix (:func:`splits_scores`) to the
     scores, not the keys/values (:func:`split_attention`): joining the keys
     re-copies the prefix rows with the whole cache on every step of every
     layer. Cross-attention runs :func:`plain_attention` over its cached ``[prefix ; encoder]`` keys,
@@ -52,9 +52,10 @@ def decoding_step(self, query_states: torch.Tensor, cache, prefix_kv, implementa
 def splits_scores(prefix_kv) -> bool:
     """Whether a decoder self-attention decoding step with this prefix runs :func:`split_attention`.
 
-    Large prefixes (in bytes at the runtime batch: batch, length, width,
-    dtype) cost the joined keys/values more in copies than the split costs in
-    operators; small ones the other way round (see :data:`SPLIT_MIN_BYTES`).
+    The joined keys/values copy the prefix (its bytes at the runtime batch:
+    batch, length, width, dtype) on every step; the split runs a few more
+    small operators. At or above :data:`SPLIT_MIN_BYTES` (by default every
+    prefix) the split is taken.
     """
     key = prefix_kv[0]
     return 2 * key.numel() * key.element_size() >= SPLIT_MIN_BYTES
