@@ -43,10 +43,10 @@ from __future__ import annotations
 
 import _common as C  # noqa: I001  (first: pins torch to one thread)
 
-import contextlib
 import json
 import statistics
 import sys
+from unittest import mock
 
 import torch
 from transformers import GenerationConfig
@@ -416,15 +416,7 @@ def paths(args, model, config, results):
     forced = {"keys/values joined": float("inf"), "scores joined": 0}
 
     def forcing(limit):
-        @contextlib.contextmanager
-        def context():
-            saved, _decoding.SPLIT_MIN_BYTES = _decoding.SPLIT_MIN_BYTES, limit
-            try:
-                yield
-            finally:
-                _decoding.SPLIT_MIN_BYTES = saved
-
-        return context
+        return lambda: mock.patch.object(_decoding, "SPLIT_MIN_BYTES", limit)
 
     tokens = {}
     for name, limit in forced.items():
@@ -444,8 +436,9 @@ def paths(args, model, config, results):
         print(f"[paths] {steps} new tokens: {args.paths_rounds} paired rounds", file=sys.stderr, flush=True)
         timing = C.paired_rounds(fns, "stock", args.paths_rounds)
         for name in forced:
-            extra[name, steps] = statistics.median(_extra_seconds(timing[name]))
-            entry.setdefault(name, {})[str(steps)] = {**timing[name], "extra_cpu_s": _extra_seconds(timing[name])}
+            seconds = _extra_seconds(timing[name])
+            extra[name, steps] = statistics.median(seconds)
+            entry.setdefault(name, {})[str(steps)] = {**timing[name], "extra_cpu_s": seconds}
     rows = []
     for name in forced:
         per_step = (extra[name, args.new_tokens] - extra[name, short]) / (args.new_tokens - short)
