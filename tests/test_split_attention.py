@@ -193,9 +193,9 @@ def test_only_cross_attention_steps_take_plain_attention(decoding_path, monkeypa
             continue
         plain = fork.plain_attention
 
-        def counted(query, keys, *args, plain=plain):
+        def counted(query, keys, *args, plain=plain, **kwargs):
             key_lengths.append(keys.shape[2])
-            return plain(query, keys, *args)
+            return plain(query, keys, *args, **kwargs)
 
         monkeypatch.setattr(fork, "plain_attention", counted)
     with torch.no_grad():
@@ -204,3 +204,44 @@ def test_only_cross_attention_steps_take_plain_attention(decoding_path, monkeypa
     if not key_lengths:
         pytest.skip("this release's fork has no decoding-step path (4.44 - 4.52)")
     assert key_lengths == [5 + ids.shape[1]] * (config.decoder_layers * new)
+
+
+def test_the_prefix_operands_are_kept_for_the_call_and_follow_dtype_and_scaling():
+    """A PrefixKV (one per module and call) keeps its bmm operands; a new dtype or scaling rebuilds them."""
+    query, keys, values, prefix_key, prefix_value, mask = _inputs("per-row", "bool", seed=3)
+    prefix_kv = PrefixKV(prefix_key, prefix_value)
+    for scaling in (0.3, 0.3, 0.7):  # the second call reuses the first's operands, the third must not
+        want_out, _ = _plain_attention(query, keys, values, prefix_key, prefix_value, mask, None, None, scaling)
+        got_out, _ = split_attention(query, keys, values, prefix_kv, mask, scaling)
+        torch.testing.assert_close(got_out.double(), want_out, atol=1e-5, rtol=0)
+        assert prefix_kv._operands is not None
+    half = [t.bfloat16() for t in (query, keys, values)]
+    got_out, _ = split_attention(*half, prefix_kv, mask, 0.7)  # the float32 operands are not reused in bfloat16
+    assert got_out.dtype == torch.bfloat16
+    want_out, _ = _plain_attention(*half, prefix_key, prefix_value, mask, None, None, 0.7)
+    torch.testing.assert_close(got_out.double(), want_out, atol=3e-2, rtol=0)
+
+
+def test_plain_attention_broadcasts_keys_shared_by_every_row():
+    """Keys/values of batch 1 (as a caller may broadcast them) meet every row's query."""
+    query, keys, values, prefix_key, prefix_value, _ = _inputs("batch-1", None, seed=4)
+    keys, values = keys[:1], values[:1]
+    want_out, _ = _plain_attention(query, keys.expand(BATCH, -1, -1, -1), values.expand(BATCH, -1, -1, -1),
+                                   prefix_key, prefix_value, None, None, None, 0.3)
+    got = plain_attention(query, torch.cat([prefix_key, keys], 2), torch.cat([prefix_value, values], 2), None, 0.3)
+    torch.testing.assert_close(got.double(), want_out, atol=1e-5, rtol=0)
+
+
+def test_plain_attention_keeps_the_key_operands_only_for_the_same_tensors():
+    """Cross-attention's steps reuse the operands of the same cached keys; other keys get their own."""
+    query, keys, values, prefix_key, prefix_value, mask = _inputs("per-row", "bool", seed=5)
+    fill = torch.ones(BATCH, 1, 1, PREFIX, dtype=torch.bool)
+    mask = torch.cat([fill, mask], dim=-1)
+    keep = PrefixKV(prefix_key[:, :, :0], prefix_value[:, :, :0])
+    for scale in (1.0, 1.0, -1.0):  # the third call's keys are new tensors: their operands, not the kept ones
+        k, v = torch.cat([prefix_key, keys * scale], 2), torch.cat([prefix_value, values * scale], 2)
+        want_out, _ = _plain_attention(query, keys * scale, values * scale, prefix_key, prefix_value, mask[..., PREFIX:],
+                                       None, None, 0.3)
+        torch.testing.assert_close(plain_attention(query, k, v, mask, 0.3, keep=keep).double(), want_out, atol=1e-5, rtol=0)
+        assert keep._key_operands[0] is k
+        torch.testing.assert_close(plain_attention(query, k, v, mask, 0.3, keep=keep).double(), want_out, atol=1e-5, rtol=0)

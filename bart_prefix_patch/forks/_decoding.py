@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ._common import in_dtype_of
+from .._state import PrefixKV
 
 #: Bytes of a decoder self-attention prefix's keys and values (at the runtime batch) from which a
 #: CPU decoding step joins the scores (:func:`split_attention`) instead of the keys/values: 0,
@@ -67,20 +67,58 @@ def plain_attention(
     value_states: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
     scaling: float,
+    keep: Optional[PrefixKV] = None,
 ) -> torch.Tensor:
     """Softmax attention in plain matmuls, with a boolean or additive mask over every key.
 
     What sdpa computes, in the eager math; on the CPU it is faster than the
     sdpa kernel for one query over a few hundred keys that are not a
-    multiple of its key block.
+    multiple of its key block. The products are ``bmm`` over ``batch *
+    heads`` rows: at one query, what these small operators cost is mostly
+    dispatch, paid on every step of every layer.
+
+    Args:
+        keep: The module's :class:`PrefixKV` of this call, on which the keys'
+            and values' ``bmm`` operands are kept between steps:
+            cross-attention attends to the same cached tensors on every step.
+            None: prepared on every call.
 
     Returns:
         ``(batch, heads, queries, head_dim)``.
     """
-    scores = torch.matmul(query_states * scaling, key_states.transpose(2, 3))
+    batch, heads, queries, dim = query_states.shape
+    keys_t, values, zero = _key_operands(key_states, value_states, batch, heads, keep)
+    # The scaling rides on the product (alpha; beta=0 ignores the zero): no operator of its own.
+    scores = torch.baddbmm(zero, query_states.reshape(batch * heads, queries, dim), keys_t, beta=0, alpha=scaling)
     if attention_mask is not None:
-        scores = _masked(scores, attention_mask)
-    return torch.matmul(_softmax(scores), value_states)
+        scores = _masked(scores.view(batch, heads, queries, -1), attention_mask).view(batch * heads, queries, -1)
+    return torch.bmm(_softmax(scores), values).view(batch, heads, queries, dim)
+
+
+def _key_operands(keys: torch.Tensor, values: torch.Tensor, batch: int, heads: int, keep: Optional[PrefixKV]):
+    """``(transposed keys, values, zero)`` as ``bmm`` operands for :func:`plain_attention`, kept on ``keep``.
+
+    Kept only while the same key and value tensors come back and the
+    operands are views of them (so they follow in-place changes too), and
+    not under torch.compile.
+    """
+    found = getattr(keep, "_key_operands", None)
+    if found is not None and found[0] is keys and found[1] is values:
+        return found[2]
+    rows_k, rows_v = _rows(keys, batch, heads), _rows(values, batch, heads)
+    operands = (rows_k.transpose(1, 2), rows_v, values.new_zeros(()))
+    if isinstance(keep, PrefixKV) and not torch.compiler.is_compiling():  # (data pointers are not traceable)
+        if rows_k.data_ptr() == keys.data_ptr() and rows_v.data_ptr() == values.data_ptr():
+            keep._key_operands = (keys, values, operands)
+    return operands
+
+
+def _rows(states: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """``(batch, heads, n, d)`` keys or values as the ``(batch * heads, n, d)`` operand of ``bmm`` (a view when it can be)."""
+    # A broadcast operand (batch or heads 1) is expanded first.
+    if states.shape[0] != batch or states.shape[1] != heads:
+        states = states.expand(batch, heads, -1, -1)
+    return states.reshape(batch * heads, states.shape[2], states.shape[3])
 
 
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
@@ -110,9 +148,12 @@ def split_attention(
     joined (a few columns per query), one softmax runs over both, and the
     output is the sum of the two weighted value sums: the same attention as
     over the joined keys/values, whose concatenation would copy the prefix
-    and every cached key. A prefix shared by every row (batch 1, or
-    expanded from it) meets all the rows' queries in one matmul per head
-    instead of being broadcast over the batch.
+    and every cached key. A prefix shared by every row (a batch-1 prefix at
+    a larger batch) meets all the rows' queries in one product per head
+    instead of being broadcast over the batch. The products are ``bmm`` over
+    ``batch * heads`` rows, with the prefix's operands prepared once per call
+    (:func:`_prefix_operands`): at one query they are small, and what they
+    cost is mostly dispatch, paid on every step of every layer.
 
     Args:
         query_states: ``(batch, heads, queries, head_dim)``, before ``scaling``.
@@ -131,21 +172,27 @@ def split_attention(
         ``(output (batch, heads, queries, head_dim), probabilities (batch,
         heads, queries, prefix_len + keys))``.
     """
-    prefix_key, prefix_value = prefix_kv
-    n_prefix, n_keys = prefix_key.shape[2], key_states.shape[2]
-    prefix_key, prefix_value = in_dtype_of(prefix_key, query_states), in_dtype_of(prefix_value, query_states)
-    if scaling != 1.0:  # scaling the query (one row) is cheaper than scaling the scores
-        query_states = query_states * scaling
-    shared = prefix_key.shape[0] == 1 or prefix_key.stride(0) == 0
-    if shared:  # the batch becomes the query axis: (queries, heads, batch, d) @ (1, heads, d, prefix_len)
-        prefix_key, prefix_value = prefix_key[:1], prefix_value[:1]
-        prefix_scores = torch.matmul(query_states.transpose(0, 2), prefix_key.transpose(2, 3)).transpose(0, 2)
+    batch, heads, queries, dim = query_states.shape
+    n_keys = key_states.shape[2]
+    # Shared: (heads, batch * queries, d) @ (heads, d, prefix_len), the batch folded into the queries.
+    shared = batch > 1 and (prefix_kv[0].shape[0] == 1 or prefix_kv[0].stride(0) == 0)
+    prefix_keys_t, prefix_values, n_prefix, zero = _prefix_operands(
+        prefix_kv, batch, heads, query_states.dtype, shared, scaling
+    )
+    query = query_states.reshape(batch * heads, queries, dim)
+    if shared:
+        folded = query.view(batch, heads, queries, dim).transpose(0, 1).reshape(heads, batch * queries, dim)
+        prefix_scores = torch.bmm(folded, prefix_keys_t).view(heads, batch, queries, n_prefix).transpose(0, 1)
+        prefix_scores = prefix_scores.reshape(batch * heads, queries, n_prefix)
     else:
-        prefix_scores = torch.matmul(query_states, prefix_key.transpose(2, 3))
-    scores = torch.matmul(query_states, key_states.transpose(2, 3))
+        prefix_scores = torch.bmm(query, prefix_keys_t)
+    # The scaling rides on the product (alpha; beta=0 ignores the zero): no operator of its own.
+    scores = torch.baddbmm(zero, query, _rows(key_states, batch, heads).transpose(1, 2), beta=0, alpha=scaling)
     visible = getattr(prefix_kv, "visible", None)
     if visible is not None:
-        prefix_scores = _masked(prefix_scores, visible.to(prefix_scores.device)[:, None, None, :])
+        prefix_scores = _masked(
+            prefix_scores.view(batch, heads, queries, n_prefix), visible.to(prefix_scores.device)[:, None, None, :]
+        ).view(batch * heads, queries, n_prefix)
     whole_mask = attention_mask is not None and attention_mask.shape[-1] == n_prefix + n_keys
     if attention_mask is not None and not whole_mask:
         if attention_mask.shape[-1] != n_keys:
@@ -153,16 +200,46 @@ def split_attention(
                 f"attention mask covers {attention_mask.shape[-1]} keys, expected {n_keys} or {n_prefix + n_keys} "
                 f"({n_prefix} prefix columns)"
             )
-        scores = _masked(scores, attention_mask)
+        scores = _masked(scores.view(batch, heads, queries, n_keys), attention_mask).view(batch * heads, queries, n_keys)
     scores = torch.cat([prefix_scores, scores], dim=-1)
     if whole_mask:
-        scores = _masked(scores, attention_mask)
+        scores = _masked(scores.view(batch, heads, queries, -1), attention_mask).view(batch * heads, queries, -1)
     weights = _softmax(scores)
     if head_mask is not None:
-        weights = head_mask.view(1, -1, 1, 1) * weights
-    prefix_weights = weights[..., :n_prefix]
+        weights = (head_mask.view(1, -1, 1, 1) * weights.view(batch, heads, queries, -1)).view(batch * heads, queries, -1)
+    output = torch.bmm(weights[:, :, n_prefix:], _rows(value_states, batch, heads))
     if shared:
-        prefix_output = torch.matmul(prefix_weights.transpose(0, 2), prefix_value).transpose(0, 2)
+        prefix_weights = weights[:, :, :n_prefix].view(batch, heads, queries, n_prefix).transpose(0, 1)
+        prefix_output = torch.bmm(prefix_weights.reshape(heads, batch * queries, n_prefix), prefix_values)
+        output = output + prefix_output.view(heads, batch, queries, dim).transpose(0, 1).reshape(batch * heads, queries, dim)
+    else:  # the prefix's weighted values added in the same product: one operator fewer
+        output = torch.baddbmm(output, weights[:, :, :n_prefix], prefix_values)
+    return output.view(batch, heads, queries, dim), weights.view(batch, heads, queries, -1)
+
+
+def _prefix_operands(prefix_kv, batch: int, heads: int, dtype: torch.dtype, shared: bool, scaling: float):
+    """The prefix as ``bmm`` operands: scaled transposed keys, values, its length, and a zero scalar.
+
+    ``(rows, head_dim, prefix_len)`` keys multiplied by ``scaling`` (so the
+    query needs no scaling of its own) and ``(rows, prefix_len, head_dim)``
+    values, in ``dtype``: rows are the heads of a shared prefix, else
+    ``batch * heads``; the zero is ``baddbmm``'s ignored input, in ``dtype``.
+    Kept on a :class:`PrefixKV` (which ``PrefixState.kv_for`` hands every step
+    of a call) so that later steps reuse them; not under torch.compile, which
+    builds the ``PrefixKV`` anew in each traced call.
+    """
+    memo = (dtype, shared, scaling)
+    found = getattr(prefix_kv, "_operands", None)
+    if found is not None and found[0] == memo:
+        return found[1]
+    key, value = prefix_kv
+    key = key if key.dtype == dtype else key.to(dtype)
+    value = value if value.dtype == dtype else value.to(dtype)
+    if shared:
+        key, value = key[0], value[0]
     else:
-        prefix_output = torch.matmul(prefix_weights, prefix_value)
-    return torch.matmul(weights[..., n_prefix:], value_states) + prefix_output, weights
+        key, value = _rows(key, batch, heads), _rows(value, batch, heads)
+    operands = (key.transpose(1, 2) * scaling, value, key.shape[1], value.new_zeros(()))
+    if isinstance(prefix_kv, PrefixKV) and not torch.compiler.is_compiling():
+        prefix_kv._operands = (memo, operands)
+    return operands

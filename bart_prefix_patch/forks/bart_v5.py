@@ -141,7 +141,9 @@ def attention_forward(
     )
     if step and is_cross_attention and implementation == "sdpa":
         # DIFF (speed): a CPU decoding step of cross-attention, in plain matmuls (see decoding_step).
-        attn_output = plain_attention(query_states, key_states, value_states, attention_mask, self.scaling)
+        attn_output = plain_attention(
+            query_states, key_states, value_states, attention_mask, self.scaling, keep=prefix_kv
+        )
         attn_output = attn_output.transpose(1, 2).reshape(*input_shape, -1).contiguous()
         return self.out_proj(attn_output), None
     if upstream.has_get_interface:  # 5.1+
