@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .._state import PrefixKV
+from ._common import in_dtype_of
 
 #: Bytes of a decoder self-attention prefix's keys and values (at the runtime batch) from which a
 #: CPU decoding step joins the scores (:func:`split_attention`) instead of the keys/values: 0,
@@ -107,10 +108,18 @@ def _key_operands(keys: torch.Tensor, values: torch.Tensor, batch: int, heads: i
         return found[2]
     rows_k, rows_v = _rows(keys, batch, heads), _rows(values, batch, heads)
     operands = (rows_k.transpose(1, 2), rows_v, values.new_zeros(()))
-    if isinstance(keep, PrefixKV) and not torch.compiler.is_compiling():  # (data pointers are not traceable)
-        if rows_k.data_ptr() == keys.data_ptr() and rows_v.data_ptr() == values.data_ptr():
-            keep._key_operands = (keys, values, operands)
+    if _keeps(keep) and rows_k.data_ptr() == keys.data_ptr() and rows_v.data_ptr() == values.data_ptr():
+        keep._key_operands = (keys, values, operands)
     return operands
+
+
+def _keeps(holder) -> bool:
+    """Whether operands may be kept on ``holder`` for later steps: a :class:`PrefixKV`, outside torch.compile.
+
+    A traced call builds its ``PrefixKV`` anew (and cannot trace data
+    pointers), so nothing is kept there.
+    """
+    return isinstance(holder, PrefixKV) and not torch.compiler.is_compiling()
 
 
 def _rows(states: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
@@ -176,9 +185,7 @@ def split_attention(
     n_keys = key_states.shape[2]
     # Shared: (heads, batch * queries, d) @ (heads, d, prefix_len), the batch folded into the queries.
     shared = batch > 1 and (prefix_kv[0].shape[0] == 1 or prefix_kv[0].stride(0) == 0)
-    prefix_keys_t, prefix_values, n_prefix, zero = _prefix_operands(
-        prefix_kv, batch, heads, query_states.dtype, shared, scaling
-    )
+    prefix_keys_t, prefix_values, n_prefix, zero = _prefix_operands(prefix_kv, query_states, shared, scaling)
     query = query_states.reshape(batch * heads, queries, dim)
     if shared:
         folded = query.view(batch, heads, queries, dim).transpose(0, 1).reshape(heads, batch * queries, dim)
@@ -217,29 +224,27 @@ def split_attention(
     return output.view(batch, heads, queries, dim), weights.view(batch, heads, queries, -1)
 
 
-def _prefix_operands(prefix_kv, batch: int, heads: int, dtype: torch.dtype, shared: bool, scaling: float):
-    """The prefix as ``bmm`` operands: scaled transposed keys, values, its length, and a zero scalar.
+def _prefix_operands(prefix_kv, query_states: torch.Tensor, shared: bool, scaling: float):
+    """The prefix as ``bmm`` operands for ``query_states``: scaled transposed keys, values, its length, a zero.
 
     ``(rows, head_dim, prefix_len)`` keys multiplied by ``scaling`` (so the
     query needs no scaling of its own) and ``(rows, prefix_len, head_dim)``
-    values, in ``dtype``: rows are the heads of a shared prefix, else
-    ``batch * heads``; the zero is ``baddbmm``'s ignored input, in ``dtype``.
-    Kept on a :class:`PrefixKV` (which ``PrefixState.kv_for`` hands every step
-    of a call) so that later steps reuse them; not under torch.compile, which
-    builds the ``PrefixKV`` anew in each traced call.
+    values, in the query's dtype: rows are the heads of a shared prefix, else
+    ``batch * heads``; the zero is ``baddbmm``'s ignored input. Kept on a
+    :class:`PrefixKV` (which ``PrefixState.kv_for`` hands every step of a
+    call) so that later steps reuse them.
     """
-    memo = (dtype, shared, scaling)
+    memo = (query_states.dtype, shared, scaling)
     found = getattr(prefix_kv, "_operands", None)
     if found is not None and found[0] == memo:
         return found[1]
-    key, value = prefix_kv
-    key = key if key.dtype == dtype else key.to(dtype)
-    value = value if value.dtype == dtype else value.to(dtype)
+    key, value = in_dtype_of(prefix_kv[0], query_states), in_dtype_of(prefix_kv[1], query_states)
     if shared:
         key, value = key[0], value[0]
     else:
+        batch, heads = query_states.shape[:2]
         key, value = _rows(key, batch, heads), _rows(value, batch, heads)
     operands = (key.transpose(1, 2) * scaling, value, key.shape[1], value.new_zeros(()))
-    if isinstance(prefix_kv, PrefixKV) and not torch.compiler.is_compiling():
+    if _keeps(prefix_kv):
         prefix_kv._operands = (memo, operands)
     return operands
