@@ -92,7 +92,7 @@ def plain_attention(
     # The scaling rides on the product (alpha; beta=0 ignores the zero): no operator of its own.
     scores = torch.baddbmm(zero, query_states.reshape(batch * heads, queries, dim), keys_t, beta=0, alpha=scaling)
     if attention_mask is not None:
-        scores = _masked(scores.view(batch, heads, queries, -1), attention_mask).view(batch * heads, queries, -1)
+        scores = _masked_rows(scores, attention_mask, batch)
     return torch.bmm(_softmax(scores), values).view(batch, heads, queries, dim)
 
 
@@ -128,6 +128,12 @@ def _rows(states: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     if states.shape[0] != batch or states.shape[1] != heads:
         states = states.expand(batch, heads, -1, -1)
     return states.reshape(batch * heads, states.shape[2], states.shape[3])
+
+
+def _masked_rows(scores: torch.Tensor, mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """:func:`_masked` for ``(batch * heads, queries, n)`` scores and a 4-D mask over ``(batch, heads, queries, n)``."""
+    rows, queries, n = scores.shape
+    return _masked(scores.view(batch, rows // batch, queries, n), mask).view(rows, queries, n)
 
 
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
@@ -185,7 +191,8 @@ def split_attention(
     n_keys = key_states.shape[2]
     # Shared: (heads, batch * queries, d) @ (heads, d, prefix_len), the batch folded into the queries.
     shared = batch > 1 and (prefix_kv[0].shape[0] == 1 or prefix_kv[0].stride(0) == 0)
-    prefix_keys_t, prefix_values, n_prefix, zero = _prefix_operands(prefix_kv, query_states, shared, scaling)
+    prefix_keys_t, prefix_values, zero = _prefix_operands(prefix_kv, query_states, shared, scaling)
+    n_prefix = prefix_keys_t.shape[-1]
     query = query_states.reshape(batch * heads, queries, dim)
     if shared:
         folded = query.view(batch, heads, queries, dim).transpose(0, 1).reshape(heads, batch * queries, dim)
@@ -197,9 +204,7 @@ def split_attention(
     scores = torch.baddbmm(zero, query, _rows(key_states, batch, heads).transpose(1, 2), beta=0, alpha=scaling)
     visible = getattr(prefix_kv, "visible", None)
     if visible is not None:
-        prefix_scores = _masked(
-            prefix_scores.view(batch, heads, queries, n_prefix), visible.to(prefix_scores.device)[:, None, None, :]
-        ).view(batch * heads, queries, n_prefix)
+        prefix_scores = _masked_rows(prefix_scores, visible.to(prefix_scores.device)[:, None, None, :], batch)
     whole_mask = attention_mask is not None and attention_mask.shape[-1] == n_prefix + n_keys
     if attention_mask is not None and not whole_mask:
         if attention_mask.shape[-1] != n_keys:
@@ -207,10 +212,10 @@ def split_attention(
                 f"attention mask covers {attention_mask.shape[-1]} keys, expected {n_keys} or {n_prefix + n_keys} "
                 f"({n_prefix} prefix columns)"
             )
-        scores = _masked(scores.view(batch, heads, queries, n_keys), attention_mask).view(batch * heads, queries, n_keys)
+        scores = _masked_rows(scores, attention_mask, batch)
     scores = torch.cat([prefix_scores, scores], dim=-1)
     if whole_mask:
-        scores = _masked(scores.view(batch, heads, queries, -1), attention_mask).view(batch * heads, queries, -1)
+        scores = _masked_rows(scores, attention_mask, batch)
     weights = _softmax(scores)
     if head_mask is not None:
         weights = (head_mask.view(1, -1, 1, 1) * weights.view(batch, heads, queries, -1)).view(batch * heads, queries, -1)
@@ -225,7 +230,7 @@ def split_attention(
 
 
 def _prefix_operands(prefix_kv, query_states: torch.Tensor, shared: bool, scaling: float):
-    """The prefix as ``bmm`` operands for ``query_states``: scaled transposed keys, values, its length, a zero.
+    """The prefix as ``bmm`` operands for ``query_states``: scaled transposed keys, values, and a zero.
 
     ``(rows, head_dim, prefix_len)`` keys multiplied by ``scaling`` (so the
     query needs no scaling of its own) and ``(rows, prefix_len, head_dim)``
@@ -244,7 +249,7 @@ def _prefix_operands(prefix_kv, query_states: torch.Tensor, shared: bool, scalin
     else:
         batch, heads = query_states.shape[:2]
         key, value = _rows(key, batch, heads), _rows(value, batch, heads)
-    operands = (key.transpose(1, 2) * scaling, value, key.shape[1], value.new_zeros(()))
+    operands = (key.transpose(1, 2) * scaling, value, value.new_zeros(()))
     if _keeps(prefix_kv):
         prefix_kv._operands = (memo, operands)
     return operands
